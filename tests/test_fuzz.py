@@ -1,0 +1,101 @@
+"""Random and mutated bytes into every decoder that reads another process's
+or host's bytes: only the documented error type may come out, quickly."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocol import NEED_DATA, RemoteProtocolError, RpcConnection, StreamChecker
+from protocol import _gen_helper_msgs as hm
+from protocol import _gen_runner_msgs as rm
+from tests.streams import libxc_stream, save_file
+
+FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+VALID = {"libxc": libxc_stream(), "xl": save_file()}
+
+
+def check_stream(data: bytes, fmt: str | None, chunk: int) -> None:
+    checker = StreamChecker(fmt, max_pfns=64)
+    try:
+        for i in range(0, len(data), chunk):
+            checker.feed(data[i : i + chunk])
+        checker.finish()
+    except RemoteProtocolError:
+        pass
+
+
+@FUZZ
+@given(
+    st.binary(max_size=2048), st.sampled_from([None, "xl", "libxl", "libxc"]), st.integers(1, 64)
+)
+def test_random_bytes_into_stream_decoders(data, fmt, chunk):
+    check_stream(data, fmt, chunk)
+
+
+@st.composite
+def mutated(draw, base: bytes):
+    data = bytearray(base)
+    for _ in range(draw(st.integers(1, 8))):
+        op = draw(st.sampled_from(["flip", "set32", "cut", "insert"]))
+        pos = draw(st.integers(0, max(0, len(data) - 1)))
+        if not data:
+            op = "insert"
+        if op == "flip":
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set32":
+            value = draw(st.sampled_from([0, 1, 0x7FFFFFFF, 0xFFFFFFFF, 1024, 1025, 4096]))
+            data[pos : pos + 4] = value.to_bytes(4, "little")
+        elif op == "cut":
+            del data[pos:]
+        else:
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+    return bytes(data)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(VALID)).flatmap(lambda k: mutated(VALID[k])), st.integers(1, 5000))
+def test_mutated_valid_streams(stream, chunk):
+    check_stream(stream, None, chunk)
+
+
+def test_a_huge_length_field_allocates_nothing_large():
+    # body_length 0xFFFFFFF0 on a PAGE_DATA record: refused before buffering.
+    base = libxc_stream()
+    evil = base[:48] + (1).to_bytes(4, "little") + (0xFFFFFFF0).to_bytes(4, "little")
+    tracemalloc.start()
+    check_stream(evil + bytes(64), "libxc", 16)
+    _current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def drain(conn: RpcConnection) -> None:
+    try:
+        while conn.next_event() is not NEED_DATA:
+            pass
+    except RemoteProtocolError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=512), st.sampled_from([hm, rm]))
+def test_random_bytes_into_rpc_decoder(data, module):
+    conn = RpcConnection(module.TABLE, sends=None, receives=module.DIRECTION)
+    conn.receive_data(data)
+    drain(conn)
+
+
+@FUZZ
+@given(st.data())
+def test_mutated_rpc_frames(data):
+    sender = RpcConnection(hm.TABLE, sends=hm.DIRECTION, receives=None)
+    stats = hm.PrecopyStats(1, 2, -1, 3, 4, 5, 6, 7, 8)
+    frame = sender.send_call(hm.PrecopyPolicy(stats)) + RpcConnection(
+        hm.TABLE, sends=hm.DIRECTION, receives=None
+    ).send_call(hm.Log(1, 0, "ctx", "msg"))
+    conn = RpcConnection(hm.TABLE, sends=None, receives=hm.DIRECTION)
+    conn.receive_data(data.draw(mutated(frame)))
+    drain(conn)
