@@ -136,7 +136,7 @@ def models(schema: Schema) -> str:
         out += [
             "",
             f"{m.class_name}.SPEC = MessageSpec(",
-            f"    {m.id}, {m.name!r}, DIRECTION, {m.applies!r}, {m.reply is not None}, {m.passes_fd}, {m.class_name}, {dec}, {enc}",
+            f"    {m.id}, {m.name!r}, DIRECTION, {m.applies!r}, {m.waits}, {m.passes_fd}, {m.class_name}, {dec}, {enc}",
             ")\n",
         ]
     names = ", ".join(m.class_name for m in schema.messages)
@@ -242,7 +242,7 @@ def docs(schema: Schema) -> str:
         reply = m.reply or "-"
         if m.passes_fd:
             reply += " + fd"
-        waits = "yes" if m.reply else "no"
+        waits = "yes" if m.waits else "no"
         out.append(f"| {m.id} | `{m.name}` | {m.applies} | {args} | {reply} | {waits} | {m.doc} |")
     for name, members in schema.enums.items():
         out += [

@@ -52,6 +52,7 @@ class Message:
     reply: str | None
     applies: str
     passes_fd: bool
+    waits: bool  # the sender blocks for a reply (an empty one when `reply` is None)
 
     @property
     def class_name(self) -> str:
@@ -129,11 +130,12 @@ def load(path: Path) -> Schema:
         applies = body.get("applies", "any")
         if applies not in ("save", "restore", "both", "any"):
             raise SchemaError(f"{path}: message {name}: applies must be save, restore or both")
-        schema.messages.append(
-            Message(
-                name, msg_id, body.get("doc", ""), args, reply, applies, bool(body.get("passes_fd"))
-            )
-        )
+        waits = body.get("waits", reply is not None or head.get("always_wait", False))
+        if reply is not None and not waits:
+            raise SchemaError(f"{path}: message {name} has a reply, so its sender waits")
+        passes_fd = bool(body.get("passes_fd"))
+        doc = body.get("doc", "")
+        schema.messages.append(Message(name, msg_id, doc, args, reply, applies, passes_fd, waits))
     schema.messages.sort(key=lambda m: m.id)
     return schema
 

@@ -168,7 +168,7 @@ class Pause:
 
 
 Pause.SPEC = MessageSpec(
-    2, 'pause', DIRECTION, 'any', False, False, Pause, _dec_none, _enc_none
+    2, 'pause', DIRECTION, 'any', True, False, Pause, _dec_none, _enc_none
 )
 
 
@@ -189,7 +189,7 @@ class Unpause:
 
 
 Unpause.SPEC = MessageSpec(
-    3, 'unpause', DIRECTION, 'any', False, False, Unpause, _dec_none, _enc_none
+    3, 'unpause', DIRECTION, 'any', True, False, Unpause, _dec_none, _enc_none
 )
 
 
@@ -210,7 +210,7 @@ class LogdirtyEnable:
 
 
 LogdirtyEnable.SPEC = MessageSpec(
-    4, 'logdirty_enable', DIRECTION, 'any', False, False, LogdirtyEnable, _dec_none, _enc_none
+    4, 'logdirty_enable', DIRECTION, 'any', True, False, LogdirtyEnable, _dec_none, _enc_none
 )
 
 
@@ -231,7 +231,7 @@ class LogdirtyDisable:
 
 
 LogdirtyDisable.SPEC = MessageSpec(
-    5, 'logdirty_disable', DIRECTION, 'any', False, False, LogdirtyDisable, _dec_none, _enc_none
+    5, 'logdirty_disable', DIRECTION, 'any', True, False, LogdirtyDisable, _dec_none, _enc_none
 )
 
 
@@ -317,7 +317,7 @@ class SetContext:
 
 
 SetContext.SPEC = MessageSpec(
-    9, 'set_context', DIRECTION, 'any', False, False, SetContext, _dec_none, _enc_none
+    9, 'set_context', DIRECTION, 'any', True, False, SetContext, _dec_none, _enc_none
 )
 
 
@@ -380,7 +380,7 @@ class Destroy:
 
 
 Destroy.SPEC = MessageSpec(
-    12, 'destroy', DIRECTION, 'any', False, False, Destroy, _dec_none, _enc_none
+    12, 'destroy', DIRECTION, 'any', True, False, Destroy, _dec_none, _enc_none
 )
 
 

@@ -130,6 +130,7 @@ class RpcConnection:
         self.receives = receives
         self.max_frame = max_frame
         self._buf = bytearray()
+        self.broken = False  # framing lost: nothing more can be read from this peer
         self._awaiting: MessageSpec | None = None  # our call that wants a reply
         self._owing: MessageSpec | None = None  # their call we must answer
 
@@ -155,6 +156,12 @@ class RpcConnection:
     def send_error(self, text: str) -> bytes:
         spec = self._owe("error")
         return self._frame([ERROR, spec.id, text])
+
+    def send_protocol_error(self, error: RemoteProtocolError) -> bytes:
+        """An ERROR frame (message id 0) answering a frame that broke a rule,
+        so a peer that sent nonsense learns why instead of just losing the line."""
+        self._owing = None
+        return self._frame([ERROR, 0, f"protocol error: {error}"])
 
     def _owe(self, what: str) -> MessageSpec:
         if self._owing is None:
@@ -185,6 +192,7 @@ class RpcConnection:
             return NEED_DATA
         (length,) = FRAME_HEADER.unpack_from(self._buf)
         if length > self.max_frame:
+            self.broken = True
             raise RemoteProtocolError(
                 f"frame length {length} is above the limit of {self.max_frame}"
             )
@@ -217,6 +225,9 @@ class RpcConnection:
         kind, msg_id, payload = frame
         if type(msg_id) is not int:
             raise RemoteProtocolError("frame: message id is not an integer")
+        if kind == ERROR and msg_id == 0 and self._awaiting is not None:
+            self._awaiting = None  # the peer refused our last frame
+            return ErrorReply(0, check_str(payload, "protocol error"))
         spec = self.table.get(msg_id)
         if spec is None:
             raise RemoteProtocolError(f"unknown message id {msg_id}")

@@ -1,0 +1,52 @@
+"""What a domain runner needs from a guest backend (sim or kvm).
+
+The runner owns the state machine (running, paused, incoming) and the
+control socket; a backend owns the guest: the code that writes to RAM and
+the dirty log of those writes.  `lock` is held by the backend around every
+guest write and by the runner around pause and log-dirty calls, which is
+what makes `pause` final and `logdirty_clean` atomic with guest writes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from protocol._gen_runner_msgs import Workload
+
+from .memory import GuestMemory
+
+
+class Backend(Protocol):
+    name: str
+    memory: GuestMemory
+
+    def start(self, incoming: bool) -> None:
+        """Run the guest (after set_context when `incoming`)."""
+
+    def stop(self) -> None:
+        """Stop the guest; when this returns, it writes nothing more."""
+
+    def logdirty(self, enable: bool) -> None: ...
+
+    def dirty_bitmap(self, clear: bool) -> tuple[int, bytes]:
+        """(count, little-endian bitmap) of pages written since the last clear."""
+
+    def get_context(self) -> bytes: ...
+
+    def set_context(self, blob: bytes) -> None: ...
+
+    def writes(self) -> int:
+        """The guest's progress counter: page writes made so far."""
+
+    def guest_check(self) -> str:
+        """The guest's verification of its own pages: 'ok' or what failed."""
+
+    def close(self) -> None: ...
+
+
+class BackendError(Exception):
+    """A request the backend cannot carry out (answered as an RPC error)."""
+
+
+def default_workload() -> Workload:
+    return Workload(dirty_rate=0.0, working_set=1.0, skew=0.0, seed=1)

@@ -1,0 +1,62 @@
+"""Guest RAM: a memfd of whole pages, mapped, with numpy views of it.
+
+The memfd is sparse until touched, so a large domain starts at once.  The
+runner owns it; the helper gets the same fd through `map_memory` and maps it
+too (Xen's foreign mapping), so no page goes through a socket twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+
+import numpy as np
+
+from protocol.limits import PAGE_SIZE
+
+
+class GuestMemory:
+    def __init__(self, pages: int, fd: int | None = None, name: str = "guest", writable=True):
+        if pages <= 0:
+            raise ValueError("a domain needs at least one page")
+        self.pages = pages
+        self.size = pages * PAGE_SIZE
+        if fd is None:
+            fd = os.memfd_create(f"ferry-{name}", os.MFD_CLOEXEC)
+            os.ftruncate(fd, self.size)
+        elif os.fstat(fd).st_size < self.size:
+            raise ValueError(f"memfd holds {os.fstat(fd).st_size} octets, {self.size} needed")
+        self.fd = fd
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self.map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, prot)
+        self.view = memoryview(self.map)
+        self.bytes = np.frombuffer(self.map, dtype=np.uint8).reshape(pages, PAGE_SIZE)
+        self.words = np.frombuffer(self.map, dtype="<u8").reshape(pages, PAGE_SIZE // 8)
+
+    def page_view(self, first: int, count: int = 1) -> memoryview:
+        return self.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
+
+    def digest(self) -> str:
+        """SHA-256 of all RAM, hex.  Read through the fd, not the mapping: a
+        read() of a never-touched page returns zeros without allocating it."""
+        h = hashlib.sha256()
+        buf = memoryview(bytearray(1 << 20))
+        offset = 0
+        while offset < self.size:
+            n = os.preadv(self.fd, [buf[: min(len(buf), self.size - offset)]], offset)
+            if n <= 0:
+                raise OSError(f"short read of guest memory at {offset}")
+            h.update(buf[:n])
+            offset += n
+        return h.hexdigest()
+
+    def close(self) -> None:
+        # numpy views keep the mmap exported; drop them before closing.
+        self.bytes = self.words = None
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with the process
+        os.close(self.fd)

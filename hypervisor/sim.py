@@ -1,0 +1,175 @@
+"""The simulated guest: a thread that dirties guest RAM at a chosen rate.
+
+Write number j of the guest goes to a page drawn from block j // BLOCK of a
+sequence seeded by (seed, block), so the pages written depend only on the
+write index: a guest restored from (RAM, writes done) continues exactly the
+sequence the source would have.  Page p at version v holds the 64-bit word
+(p << 32) | v in all 512 of its words; version 0 is an untouched zero page.
+Hence any page can be checked on its own, and the sum of all versions equals
+the number of writes made: a lost page update shows up as a short sum.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import numpy as np
+
+from protocol._gen_runner_msgs import Workload
+
+from .backend import BackendError
+from .memory import GuestMemory
+
+BLOCK = 1024  # writes per seeded block of the sequence
+TICK = 0.002  # seconds between bursts of writes
+MAX_BURST = 512  # writes per burst at most: bounds how long a clean or pause waits
+CHECK_CHUNK = 16384  # pages verified at a time by guest_check
+
+
+def sequence_block(workload: Workload, pages: int, block: int) -> np.ndarray:
+    """The BLOCK pages written by writes block*BLOCK .. block*BLOCK+BLOCK-1."""
+    rng = np.random.default_rng([workload.seed, block])
+    working = max(1, min(pages, int(pages * workload.working_set)))
+    hot = max(1, working // 10)
+    is_hot = rng.random(BLOCK) < workload.skew
+    return np.where(is_hot, rng.integers(0, hot, BLOCK), rng.integers(0, working, BLOCK))
+
+
+def sequence(workload: Workload, pages: int, start: int, end: int) -> np.ndarray:
+    """Pages written by writes start .. end-1 (for tests and checks)."""
+    first, last = start // BLOCK, (end - 1) // BLOCK if end > start else start // BLOCK
+    blocks = [sequence_block(workload, pages, b) for b in range(first, last + 1)]
+    seq = np.concatenate(blocks) if blocks else np.empty(0, np.int64)
+    return seq[start - first * BLOCK : end - first * BLOCK]
+
+
+def versions_from_ram(memory: GuestMemory) -> np.ndarray:
+    return (memory.words[:, 0] & np.uint64(0xFFFFFFFF)).astype(np.uint64)
+
+
+class SimGuest:
+    name = "sim"
+
+    def __init__(self, memory: GuestMemory, workload: Workload, lock: threading.Lock):
+        self.memory = memory
+        self.workload = workload
+        self.lock = lock
+        self.pages = memory.pages
+        self._writes = 0
+        self._versions = np.zeros(self.pages, dtype=np.uint64)
+        self._dirty = np.zeros(self.pages, dtype=bool)
+        self._logdirty = False
+        self._thread: threading.Thread | None = None
+        self._running = threading.Event()
+        self._block_index = -1
+        self._block = None
+        self.shadow: list | None = None  # tests: every burst of pages, in order
+
+    # -- running ----------------------------------------------------------
+    def start(self, incoming: bool) -> None:
+        if incoming:
+            self._versions = versions_from_ram(self.memory)
+        self._running.set()
+        self._thread = threading.Thread(target=self._run, name="sim-guest", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running.clear()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        start_time, start_writes = time.monotonic(), self._writes
+        while self._running.is_set():
+            due = int(self.workload.dirty_rate * (time.monotonic() - start_time))
+            burst = min(due - (self._writes - start_writes), MAX_BURST)
+            if burst > 0:
+                self._write(burst)
+            time.sleep(TICK)
+
+    def _write(self, count: int) -> None:
+        pages = sequence(self.workload, self.pages, self._writes, self._writes + count)
+        with self.lock:
+            if not self._running.is_set():
+                return
+            np.add.at(self._versions, pages, 1)
+            unique = np.unique(pages)
+            words = (unique.astype(np.uint64) << np.uint64(32)) | self._versions[unique]
+            self.memory.words[unique] = words[:, None]
+            if self._logdirty:
+                self._dirty[unique] = True
+            self._writes += count
+            if self.shadow is not None:
+                self.shadow.append(unique)
+
+    # -- log-dirty --------------------------------------------------------
+    def logdirty(self, enable: bool) -> None:
+        with self.lock:
+            self._logdirty = enable
+            self._dirty[:] = False
+
+    def dirty_bitmap(self, clear: bool) -> tuple[int, bytes]:
+        with self.lock:
+            count = int(np.count_nonzero(self._dirty))
+            bitmap = np.packbits(self._dirty, bitorder="little").tobytes()
+            if clear:
+                self._dirty[:] = False
+        return count, bitmap
+
+    # -- context ----------------------------------------------------------
+    def get_context(self) -> bytes:
+        w = self.workload
+        return msgpack.packb(
+            {
+                "writes": self._writes,
+                "rate": w.dirty_rate,
+                "ws": w.working_set,
+                "skew": w.skew,
+                "seed": w.seed,
+            }
+        )
+
+    def set_context(self, blob: bytes) -> None:
+        try:
+            ctx = msgpack.unpackb(blob)
+            writes = int(ctx["writes"])
+            workload = Workload(
+                float(ctx["rate"]), float(ctx["ws"]), float(ctx["skew"]), int(ctx["seed"])
+            )
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            raise BackendError(f"not a sim guest context: {exc}") from None
+        if writes < 0 or not 0 <= workload.working_set <= 1:
+            raise BackendError("sim guest context out of range")
+        self._writes, self.workload = writes, workload
+
+    def writes(self) -> int:
+        return self._writes
+
+    def guest_check(self) -> str:
+        """Every page uniform and tagged with its own pfn, versions summing to the writes made."""
+        with self.lock:
+            total = 0
+            for first in range(0, self.pages, CHECK_CHUNK):
+                words = self.memory.words[first : first + CHECK_CHUNK]
+                head = words[:, 0]
+                uniform = (words == head[:, None]).all(axis=1)
+                if not uniform.all():
+                    return (
+                        f"page {first + int(np.flatnonzero(~uniform)[0])} is torn (mixed contents)"
+                    )
+                tags = head >> np.uint64(32)
+                pfns = np.arange(first, first + len(head), dtype=np.uint64)
+                wrong = (head != 0) & (tags != pfns)
+                if wrong.any():
+                    p = int(np.flatnonzero(wrong)[0])
+                    return f"page {first + p} holds page {int(tags[p])}'s contents"
+                total += int((head & np.uint64(0xFFFFFFFF)).sum())
+            if total != self._writes:
+                return f"page versions sum to {total}, but the guest made {self._writes} writes"
+        return "ok"
+
+    def close(self) -> None:
+        self.stop()
