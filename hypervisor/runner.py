@@ -43,6 +43,7 @@ class Runner(RunnerHandlers):
         self.backend = make_backend(backend, self.memory, workload, self.lock)
         self.incoming = incoming
         self.state = DomainState.INCOMING if incoming else DomainState.PAUSED
+        self.restored = False  # RAM and context came from a stream; not started yet
         self.logdirty_on = False
         self.guest_check_result = ""
         self.clients = 0
@@ -67,13 +68,19 @@ class Runner(RunnerHandlers):
         with self.state_lock:
             if self.state == DomainState.RUNNING:
                 self.backend.stop()
-                self.state = DomainState.PAUSED
+            elif self.state == DomainState.INCOMING:
+                # A restore finished but the guest stays paused: from now on
+                # it is an ordinary domain, no longer removed when orphaned.
+                self.restored = True
+            self.state = DomainState.PAUSED
 
     def on_unpause(self) -> None:
         with self.state_lock:
             if self.state == DomainState.RUNNING:
                 return
-            self.backend.start(incoming=self.state == DomainState.INCOMING)
+            restored = self.restored or self.state == DomainState.INCOMING
+            self.backend.start(incoming=restored)
+            self.restored = False
             self.state = DomainState.RUNNING
 
     def on_logdirty_enable(self) -> None:

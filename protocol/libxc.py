@@ -245,6 +245,12 @@ def encode_page_data(pfns: np.ndarray, pages: list, types=None, postcopy=False) 
     return record_buffers(rtype, [head, entries.astype("<u8").tobytes(), *pages])
 
 
+def page_data_size(pages: int) -> int:
+    """Stream octets of `pages` data pages sent in full PAGE_DATA batches."""
+    records = -(-pages // limits.MAX_BATCH_PAGES)
+    return records * 16 + pages * (8 + limits.PAGE_SIZE)
+
+
 def encode_pfn_list(pfns, fault: bool = False) -> list:
     pfns = np.asarray(pfns, dtype="<u8")
     rtype = REC_POSTCOPY_FAULT if fault else REC_POSTCOPY_PFNS

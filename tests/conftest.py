@@ -47,3 +47,42 @@ def runners(short_tmp):
     r = Runners(short_tmp)
     yield r
     r.cleanup()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text` (a test's private directory)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(pid))
+    return found
+
+
+def kill_all_mentioning(text: str) -> list[int]:
+    pids = processes_mentioning(text)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+@pytest.fixture
+async def host(short_tmp):
+    """A Host in a private state dir; every runner it started is gone afterwards."""
+    from toolstack.domains import Host
+
+    h = Host(os.path.join(short_tmp, "host"))
+    yield h
+    for domain in list(h.domains.values()):
+        await h.destroy(domain)
+    leaked = kill_all_mentioning(short_tmp)
+    assert not leaked, f"processes left behind: {leaked}"

@@ -1,0 +1,77 @@
+"""Exact reads and vectored writes on the stream fd.
+
+The fd may be a file, a pipe or a socket shared with the toolstack, and may
+have been left non-blocking by it (O_NONBLOCK belongs to the open file, not
+to this process), so both directions wait with poll() on EAGAIN.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+class StreamClosed(Exception):
+    """The other end of the stream went away."""
+
+
+def _wait(fd: int, event: int) -> None:
+    poller = select.poll()
+    poller.register(fd, event)
+    poller.poll()
+
+
+class FdWriter:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written = 0
+
+    def writev(self, buffers: list) -> int:
+        """Write every buffer, in order; returns the octets written."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        views = [v for v in views if v.nbytes]
+        total = sum(v.nbytes for v in views)
+        while views:
+            try:
+                n = os.writev(self.fd, views[:IOV_MAX])
+            except BlockingIOError:
+                _wait(self.fd, select.POLLOUT)
+                continue
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise StreamClosed(f"stream closed by the receiver ({exc.strerror})") from None
+            # drop what was written, keep the rest of a partly written buffer
+            while n and views:
+                if n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+        self.written += total
+        return total
+
+
+class FdReader:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.read = 0
+
+    def read_exact(self, n: int) -> bytes:
+        """Exactly n octets, or fewer only at end of stream."""
+        parts, got = [], 0
+        while got < n:
+            try:
+                chunk = os.read(self.fd, n - got)
+            except BlockingIOError:
+                _wait(self.fd, select.POLLIN)
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        self.read += got
+        return b"".join(parts)

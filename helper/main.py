@@ -1,0 +1,85 @@
+"""ferry-save-helper: one save or restore per process, exec'd by the toolstack.
+
+    ferry-save-helper --save-domain    --io-fd N --rpc-fd M --domain SOCK [--live]
+    ferry-save-helper --restore-domain --io-fd N --rpc-fd M --domain SOCK
+
+Like Xen's libxl-save-helper: fds and settings on argv, every callback to
+the toolstack through the generated stubs on the rpc fd, and a `complete`
+message as the very last word (retval 0, or an errno and a one-line reason).
+Exit status 0 on success, 1 on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+
+from hypervisor import RpcError, RunnerClient
+from protocol import ProtocolError
+
+from .fdio import FdReader, FdWriter, StreamClosed
+from .restore import Restorer
+from .save import SaveAborted, Saver
+from .toolstack_link import LOG_ERROR, ToolstackLink
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="ferry-save-helper")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--save-domain", action="store_true")
+    mode.add_argument("--restore-domain", action="store_true")
+    p.add_argument("--io-fd", type=int, required=True, help="the migration stream")
+    p.add_argument("--rpc-fd", type=int, required=True, help="the socket to the toolstack")
+    p.add_argument("--domain", required=True, help="the domain runner's control socket")
+    p.add_argument("--live", action="store_true", help="precopy while the guest runs")
+    return p.parse_args(argv)
+
+
+def run(args, link: ToolstackLink) -> None:
+    with RunnerClient(args.domain) as domain:
+        if args.save_domain:
+            job = Saver(domain, link, FdWriter(args.io_fd), live=args.live)
+            try:
+                job.save()
+            finally:
+                job.close()
+        else:
+            job = Restorer(domain, link, FdReader(args.io_fd))
+            try:
+                job.restore()
+            finally:
+                job.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    link = ToolstackLink(args.rpc_fd)
+    context = "save" if args.save_domain else "restore"
+    try:
+        run(args, link)
+    except SaveAborted as exc:
+        return fail(link, context, errno.ECANCELED, str(exc))
+    except ProtocolError as exc:
+        return fail(link, context, errno.EPROTO, f"bad stream: {exc}")
+    except StreamClosed as exc:
+        return fail(link, context, errno.EPIPE, str(exc))
+    except RpcError as exc:
+        return fail(link, context, errno.EIO, f"domain or toolstack call failed: {exc}")
+    except OSError as exc:
+        return fail(link, context, exc.errno or errno.EIO, f"{exc.strerror or exc}")
+    link.complete(0, 0, "")
+    return 0
+
+
+def fail(link: ToolstackLink, context: str, errnoval: int, message: str) -> int:
+    try:
+        link.say(LOG_ERROR, context, message, errnoval)
+        link.complete(-1, errnoval, message)
+    except (RpcError, OSError):
+        pass  # the toolstack is gone: nobody left to tell
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

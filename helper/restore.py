@@ -1,0 +1,82 @@
+"""Restore a domain: read the libxc stream into an incoming domain's RAM.
+
+Every record is checked before it touches the domain (the decoder bounds
+lengths, counts and pfns by the domain's size); page data goes straight
+into the mapped RAM with one numpy assignment per record.  The stream is
+read exactly up to its END record and no further: the toolstack reads the
+libxl records that follow from the same fd.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hypervisor import RunnerClient
+from protocol import NEED_DATA, RemoteProtocolError, libxc
+from protocol.limits import PAGE_SIZE
+
+from .fdio import FdReader
+from .toolstack_link import ToolstackLink
+
+
+class Restorer:
+    def __init__(self, domain: RunnerClient, link: ToolstackLink, reader: FdReader):
+        self.domain = domain
+        self.link = link
+        self.reader = reader
+        self.memory = domain.map_guest_memory(writable=True)
+        self.decoder = libxc.LibxcDecoder(max_pfns=self.memory.pages)
+        self.pages_written = 0
+        self.context: bytes | None = None
+        self.params: dict[int, int] = {}
+
+    def close(self) -> None:
+        self.memory.close()
+
+    def restore(self) -> None:
+        while True:
+            event = self.next_event()
+            match event:
+                case libxc.PageData():
+                    self.write_pages(event)
+                case libxc.Marker(type=libxc.REC_STATIC_DATA_END):
+                    self.link.static_data_done(0)
+                case libxc.Marker(type=libxc.REC_END):
+                    break
+                case libxc.HvmContext():
+                    if self.context is not None:
+                        raise RemoteProtocolError(
+                            "a second HVM_CONTEXT record", self.decoder.offset
+                        )
+                    self.context = event.blob
+                case libxc.HvmParams():
+                    self.params.update(event.params)
+                case libxc.Marker() if event.type != libxc.REC_VERIFY:
+                    raise RemoteProtocolError(
+                        f"{event.name} is not supported by this restore", self.decoder.offset
+                    )
+        if self.context is None:
+            raise RemoteProtocolError("the stream ended without an HVM_CONTEXT record")
+        self.domain.set_context(self.context)
+        self.link.restore_results(self.pages_written, self.params.get(1, 0), self.params.get(2, 0))
+
+    def next_event(self):
+        """The next record, reading exactly as many octets as it needs."""
+        while True:
+            event = self.decoder.next_event()
+            if event is not NEED_DATA:
+                return event
+            want = self.decoder.wanted
+            data = self.reader.read_exact(want)
+            self.decoder.feed(data)
+            if len(data) < want:
+                self.decoder.feed_eof()
+
+    def write_pages(self, event: libxc.PageData) -> None:
+        pfns = event.data_pfns
+        if event.postcopy:
+            raise RemoteProtocolError("POSTCOPY_PAGE_DATA without postcopy", self.decoder.offset)
+        if len(pfns):
+            pages = np.frombuffer(event.data, dtype=np.uint8).reshape(len(pfns), PAGE_SIZE)
+            self.memory.bytes[pfns.astype(np.intp)] = pages
+        self.pages_written += len(pfns)

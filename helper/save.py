@@ -1,0 +1,237 @@
+"""Save a domain: write the libxc stream, asking the toolstack after every batch.
+
+The steps follow Xen's xg_sr_save.c:
+
+    write_headers
+    enable_logdirty                      (live only)
+    send_memory_live                     iteration 0 sends every page, then
+        send_dirty_pages                 each iteration sends what the last dirtied,
+        (precopy_policy after each batch)  and the toolstack decides what's next
+    suspend_and_send_dirty               STOP_AND_COPY: pause, send the rest
+    send_context                         TSC_INFO, HVM_CONTEXT, HVM_PARAMS
+    END
+
+ABORT stops where it is: log-dirty goes off again, the guest keeps running,
+and the stream simply ends without END, which every reader reports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from hypervisor import GuestMemory, RunnerClient
+from protocol import libxc
+from protocol._gen_helper_msgs import PrecopyDecision, PrecopyStats
+from protocol.limits import MAX_BATCH_PAGES, PAGE_SIZE
+
+from .fdio import FdWriter
+from .toolstack_link import LOG_INFO, LOG_WARNING, ToolstackLink
+
+EMPTY_ITERATION_PAUSE = 0.005  # s: let a quiet guest dirty something before asking again
+# Never-touched guest pages are holes in the memfd.  Reading one through the
+# mapping would allocate it in the source (and fault, slowly); full sweeps
+# send these zeros from one shared zero buffer instead.
+ZEROS = memoryview(bytes(MAX_BATCH_PAGES * PAGE_SIZE))
+
+
+class SaveAborted(Exception):
+    """The migration gave up; the message says why (it goes into the log and `complete`)."""
+
+
+@dataclass
+class Progress:
+    """Counters the stats of every batch are made of."""
+
+    iteration: int = 0
+    total_written: int = 0
+    dirty_count: int = -1
+    iter_written: int = 0
+    iter_total: int = 0
+    iter_bytes: int = 0
+
+
+class Saver:
+    def __init__(self, domain: RunnerClient, link: ToolstackLink, writer: FdWriter, live: bool):
+        self.domain = domain
+        self.link = link
+        self.writer = writer
+        self.live = live
+        self.memory: GuestMemory = domain.map_guest_memory()
+        self.pages = self.memory.pages
+        self.progress = Progress()
+        self.stop_requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, *_args) -> None:
+        self.stop_requested = True  # acted on between batches: a safe point
+
+    def close(self) -> None:
+        self.memory.close()
+
+    # -- the algorithm --------------------------------------------------------
+    def save(self) -> None:
+        self.write_headers()
+        if self.live:
+            self.enable_logdirty()
+            try:
+                self.send_memory_live()
+            except BaseException:
+                self.disable_logdirty()
+                raise
+        else:
+            self.suspend_domain()
+            self.send_pages(np.arange(self.pages, dtype=np.uint64), sweep=True)
+        self.send_context()
+        self.writer.writev(libxc.encode_marker(libxc.REC_END))
+
+    def write_headers(self) -> None:
+        self.writer.writev([libxc.encode_image_header(), libxc.encode_domain_header()])
+        self.writer.writev(libxc.encode_marker(libxc.REC_STATIC_DATA_END))
+
+    def enable_logdirty(self) -> None:
+        self.domain.logdirty_enable()
+
+    def disable_logdirty(self) -> None:
+        try:
+            self.domain.logdirty_disable()
+        except Exception as exc:  # the domain may be gone; say so, keep the first error
+            self.link.say(LOG_WARNING, "save", f"could not switch log-dirty off: {exc}")
+
+    def send_memory_live(self) -> None:
+        """Precopy iterations until the policy says stop (or gives up)."""
+        to_send = np.arange(self.pages, dtype=np.uint64)
+        while True:
+            decision, unsent = self.send_dirty_pages(to_send)
+            if decision == PrecopyDecision.STOP_AND_COPY:
+                self.suspend_and_send_dirty(unsent)
+                return
+            if decision == PrecopyDecision.ABORT:
+                raise SaveAborted("the toolstack's policy aborted the migration")
+            if decision == PrecopyDecision.POSTCOPY:
+                raise SaveAborted("postcopy was requested but this helper does not support it")
+            # the iteration is complete: the next one sends what it dirtied
+            to_send, count = self.dirty_pfns()
+            self.progress.iteration += 1
+            self.progress.dirty_count = count
+            if count == 0:
+                time.sleep(EMPTY_ITERATION_PAUSE)
+
+    def send_dirty_pages(self, pfns: np.ndarray) -> tuple[PrecopyDecision, np.ndarray]:
+        """One iteration: batches of pfns, the policy asked after each.
+        Returns the decision that ended it and the pfns not sent yet."""
+        p = self.progress
+        p.iter_written, p.iter_bytes, p.iter_total = 0, 0, len(pfns)
+        if p.iteration > 0:
+            # Like Xen, ask before each new iteration too: the fresh dirty
+            # count may already be small enough to stop.
+            decision = self.ask_policy()
+            if decision != PrecopyDecision.CONTINUE_PRECOPY:
+                return decision, pfns
+        for start in range(0, len(pfns), MAX_BATCH_PAGES):
+            batch = pfns[start : start + MAX_BATCH_PAGES]
+            self.send_batch(batch, sweep=p.iteration == 0)
+            decision = self.ask_policy()
+            if decision != PrecopyDecision.CONTINUE_PRECOPY:
+                return decision, pfns[start + len(batch) :]
+        return PrecopyDecision.CONTINUE_PRECOPY, pfns[len(pfns) :]
+
+    def suspend_and_send_dirty(self, unsent: np.ndarray) -> None:
+        """Stop and copy: pause the guest, then send the pages it dirtied and
+        those this iteration had not reached yet."""
+        self.suspend_domain()
+        dirty, _count = self.dirty_pfns()
+        final = np.union1d(dirty, unsent).astype(np.uint64)
+        self.link.say(
+            LOG_INFO, "save", f"stop and copy: {len(final)} pages to send while suspended"
+        )
+        self.progress.iteration += 1
+        self.progress.dirty_count = len(final)
+        self.send_pages(final)
+        self.disable_logdirty()
+
+    def suspend_domain(self) -> None:
+        if not self.link.suspend():
+            raise SaveAborted("the toolstack could not suspend the domain")
+
+    def send_pages(self, pfns: np.ndarray, sweep: bool = False) -> None:
+        """Send pfns with the guest suspended: no policy to ask."""
+        p = self.progress
+        p.iter_written, p.iter_bytes, p.iter_total = 0, 0, len(pfns)
+        for start in range(0, len(pfns), MAX_BATCH_PAGES):
+            self.send_batch(pfns[start : start + MAX_BATCH_PAGES], sweep)
+
+    def send_context(self) -> None:
+        blob = self.domain.get_context()
+        tsc = libxc.TscInfo(mode=0, khz=0, nsec=time.monotonic_ns(), incarnation=0)
+        self.writer.writev(libxc.encode_tsc_info(tsc))
+        self.writer.writev(libxc.encode_hvm_context(blob))
+        self.writer.writev(libxc.encode_hvm_params([]))
+
+    # -- one batch ------------------------------------------------------------
+    def send_batch(self, pfns: np.ndarray, sweep: bool = False) -> None:
+        """PAGE_DATA straight from mapped guest RAM: one buffer per run of
+        contiguous pfns, no page copied in Python.  In a `sweep` over all of
+        RAM, holes (never-touched pages) come from ZEROS."""
+        if self.stop_requested:
+            raise SaveAborted("the helper was asked to stop (SIGTERM)")
+        breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [len(pfns)]))
+        views = []
+        for s, e in zip(starts, ends, strict=True):
+            first, count = int(pfns[s]), int(e - s)
+            if sweep:
+                views += self.sweep_views(first, count)
+            else:
+                views.append(self.memory.page_view(first, count))
+        written = self.writer.writev(libxc.encode_page_data(pfns, views))
+        p = self.progress
+        p.iter_written += len(pfns)
+        p.total_written += len(pfns)
+        p.iter_bytes += written
+        doing = f"iteration {p.iteration}"
+        self.link.progress("save", doing, p.iter_written, p.iter_total)
+
+    def sweep_views(self, first: int, count: int) -> list[memoryview]:
+        """Buffers for pages first..first+count-1: data extents from the
+        mapping, holes from ZEROS (found with SEEK_DATA/SEEK_HOLE)."""
+        views, pos, end = [], first * PAGE_SIZE, (first + count) * PAGE_SIZE
+        while pos < end:
+            try:
+                data = min(os.lseek(self.memory.fd, pos, os.SEEK_DATA), end)
+            except OSError:  # ENXIO: nothing but hole up to the end of the file
+                data = end
+            if data > pos:
+                views.append(ZEROS[: data - pos])
+                pos = data
+            if pos < end:
+                hole = min(os.lseek(self.memory.fd, pos, os.SEEK_HOLE), end)
+                views.append(self.memory.view[pos:hole])
+                pos = hole
+        return views
+
+    def ask_policy(self) -> PrecopyDecision:
+        p = self.progress
+        stats = PrecopyStats(
+            iteration=p.iteration,
+            total_written=p.total_written,
+            dirty_count=p.dirty_count,
+            iter_written=p.iter_written,
+            iter_remaining=p.iter_total - p.iter_written,
+            iter_bytes=p.iter_bytes,
+            total_bytes=self.writer.written,
+            domain_pages=self.pages,
+            time_ns=time.monotonic_ns(),
+        )
+        return self.link.precopy_policy(stats)
+
+    def dirty_pfns(self) -> tuple[np.ndarray, int]:
+        log = self.domain.logdirty_clean()
+        bitmap = np.unpackbits(np.frombuffer(log.bitmap, np.uint8), bitorder="little")
+        pfns = np.flatnonzero(bitmap[: self.pages]).astype(np.uint64)
+        return pfns, log.count

@@ -1,0 +1,26 @@
+"""The helper's line to the toolstack: generated stubs over a blocking channel.
+
+Also the helper's log: `log()` sends a `log` message (the helper has no log
+of its own, like Xen's libxl-save-helper).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from hypervisor.channel import SyncChannel
+from protocol import _gen_helper_msgs as msgs
+
+from ._gen_stubs import ToolstackStubs
+
+LOG_ERROR, LOG_WARNING, LOG_INFO, LOG_DEBUG = 3, 4, 6, 7
+
+
+class ToolstackLink(ToolstackStubs):
+    def __init__(self, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(True)
+        super().__init__(SyncChannel(sock, msgs.TABLE, sends=msgs.DIRECTION, receives=None))
+
+    def say(self, level: int, context: str, message: str, errnoval: int = 0) -> None:
+        self.log(level, errnoval, context, message)

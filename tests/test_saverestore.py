@@ -1,0 +1,254 @@
+"""Save files and the helper: round trips, live precopy, aborts and failures."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+
+import pytest
+import trio
+
+from protocol import RemoteProtocolError, StreamChecker
+from protocol._gen_helper_msgs import PrecopyDecision
+from tests.conftest import processes_mentioning
+from toolstack.domains import DomainConfig, ToolstackError
+from toolstack.helper_job import HelperCallbacks, HelperFailed, run_helper
+from toolstack.policies import ConvergePolicy, Policy, XenPolicy
+from toolstack.savefile import restore_from_file, save_to_file
+from toolstack.stats import JobStats
+
+MiB = 1 << 20
+
+
+def config(name="vm", memory=32 * MiB, rate=0.0, ws=1.0):
+    return DomainConfig(name=name, memory_bytes=memory, dirty_rate=rate, working_set=ws, seed=5)
+
+
+async def running_writes(domain) -> int:
+    first = (await domain.call("getinfo")).writes
+    await trio.sleep(0.2)
+    return (await domain.call("getinfo")).writes - first
+
+
+async def test_idle_domain_round_trips_through_a_save_file(host, short_tmp):
+    domain = await host.create(config())
+    await domain.call("pause")
+    digest = await domain.call("digest")
+    path = os.path.join(short_tmp, "vm.save")
+    await save_to_file(host, domain, path)
+    assert "vm" not in host.domains  # like xl save: the domain is gone
+    summary = StreamChecker()
+    summary.feed(open(path, "rb").read())
+    assert summary.finish().pages == 32 * MiB // 4096
+    restored = await restore_from_file(host, path, paused=True)
+    assert await restored.call("digest") == digest
+    assert (await host.info(restored))["state"] == "paused"
+
+
+async def test_busy_domain_live_save_restores_and_continues_its_sequence(host, short_tmp):
+    domain = await host.create(config(rate=20_000, ws=0.5))
+    await trio.sleep(0.2)
+    path = os.path.join(short_tmp, "vm.save")
+    stats = await save_to_file(
+        host, domain, path, live=True, keep=True, policy=XenPolicy(), verify=True
+    )
+    assert stats.phase == "completed" and stats.downtime_ms is not None
+    assert (await host.info(domain))["state"] == "running"  # --keep: it runs on
+    await host.destroy(domain)
+    restored = await restore_from_file(host, path, name="copy", paused=True)
+    assert restored.name == "copy"
+    assert await restored.call("digest") == stats.source_digest
+    at_restore = (await restored.call("getinfo")).writes
+    await restored.call("unpause")
+    assert await running_writes(restored) > 0
+    await restored.call("pause")
+    assert (await restored.call("getinfo")).writes > at_restore
+    assert await restored.call("guest_check") == "ok"
+
+
+async def test_xen_policy_precopies_at_most_5_iterations_then_stops(host, short_tmp):
+    domain = await host.create(config(rate=30_000, ws=0.25))
+    stats = await save_to_file(
+        host, domain, os.path.join(short_tmp, "s"), live=True, policy=XenPolicy()
+    )
+    precopy = [it for it in stats.iterations if not it.final]
+    assert 1 <= len(precopy) <= 5 and stats.iterations[-1].final
+    assert stats.iterations[0].pages == 32 * MiB // 4096
+    assert stats.policy_latencies_us and len(stats.policy_latencies_us) >= len(precopy)
+    # with the dirty-page rule switched off, the iteration limit alone stops it
+    other = await host.create(config("other", rate=30_000, ws=0.25))
+    policy = XenPolicy(max_dirty=0)
+    stats = await save_to_file(host, other, os.path.join(short_tmp, "t"), live=True, policy=policy)
+    assert [it.final for it in stats.iterations] == [False] * 5 + [True]
+    assert "5 iterations done" in stats.decision
+
+
+async def test_converge_keeps_downtime_within_the_limit_when_the_rate_allows(host, short_tmp):
+    domain = await host.create(config(memory=128 * MiB, rate=5_000, ws=0.5))
+    policy = ConvergePolicy(downtime_limit=300)
+    stats = await save_to_file(host, domain, os.path.join(short_tmp, "s"), live=True, policy=policy)
+    assert "within 300 ms" in stats.decision
+    assert stats.downtime_ms <= 300
+
+
+async def test_converge_fallback_fires_when_the_rate_does_not_allow(host, short_tmp):
+    policy = ConvergePolicy(downtime_limit=0.001, max_iterations=3)
+    domain = await host.create(config(rate=30_000, ws=0.5))
+    stats = await save_to_file(host, domain, os.path.join(short_tmp, "s"), live=True, policy=policy)
+    assert "3 iterations without converging; fallback: stop-and-copy" in stats.decision
+    abort = ConvergePolicy(downtime_limit=0.001, max_iterations=2, fallback="abort")
+    other = await host.create(config("other", rate=30_000, ws=0.5))
+    with pytest.raises(HelperFailed, match="policy aborted"):
+        await save_to_file(host, other, os.path.join(short_tmp, "t"), live=True, policy=abort)
+    assert (await host.info(other))["state"] == "running"
+    assert not os.path.exists(os.path.join(short_tmp, "t"))
+    assert not os.path.exists(os.path.join(short_tmp, "t.partial"))
+
+
+class AbortAt(Policy):
+    """Continue until `iteration`, then do `action` (tests)."""
+
+    def __init__(self, iteration=1, action=None):
+        super().__init__()
+        self.iteration, self.action = iteration, action
+
+    def rule(self, stats):
+        if stats.iteration >= self.iteration:
+            if self.action:
+                self.action()
+                self.action = None
+                return PrecopyDecision.CONTINUE_PRECOPY
+            return PrecopyDecision.ABORT
+        return PrecopyDecision.CONTINUE_PRECOPY
+
+
+async def save_raw(domain, policy, path):
+    """Run a save helper into a plain file; returns (error or None, stats, callbacks)."""
+    stats = JobStats("save", domain.name)
+    callbacks = HelperCallbacks(domain, stats, policy)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        await run_helper("save", fd, domain, callbacks, live=True)
+        return None, stats, callbacks
+    except HelperFailed as exc:
+        return exc, stats, callbacks
+    finally:
+        os.close(fd)
+
+
+async def test_abort_mid_precopy_leaves_the_source_running_and_the_stream_unfinished(
+    host, short_tmp
+):
+    domain = await host.create(config(rate=20_000))
+    path = os.path.join(short_tmp, "raw")
+    error, _stats, callbacks = await save_raw(domain, AbortAt(1), path)
+    assert "policy aborted" in str(error)
+    info = await domain.call("getinfo")
+    assert info.state.name == "RUNNING" and not info.logdirty and not callbacks.suspended
+    assert await running_writes(domain) > 0
+    checker = StreamChecker("libxc")
+    checker.feed(open(path, "rb").read())
+    with pytest.raises(RemoteProtocolError, match="truncated"):
+        checker.finish()
+
+
+async def test_sigkilled_helper_ends_the_job_clearly_and_the_source_runs(host, short_tmp):
+    domain = await host.create(config(rate=20_000))
+    callbacks_box = {}
+
+    def kill_helper():
+        os.kill(callbacks_box["cb"].process.pid, signal.SIGKILL)
+
+    policy = AbortAt(1, kill_helper)
+    stats = JobStats("save", "vm")
+    callbacks_box["cb"] = HelperCallbacks(domain, stats, policy)
+    fd = os.open(os.path.join(short_tmp, "raw"), os.O_WRONLY | os.O_CREAT, 0o600)
+    with pytest.raises(HelperFailed, match=r"died before completing \(killed by SIGKILL\)"):
+        await run_helper("save", fd, domain, callbacks_box["cb"], live=True)
+    os.close(fd)
+    assert (await domain.call("getinfo")).state.name == "RUNNING"
+    assert await running_writes(domain) > 0
+
+
+async def test_sigterm_stops_the_helper_at_a_safe_point(host, short_tmp):
+    domain = await host.create(config(rate=20_000))
+    box = {}
+    policy = AbortAt(1, lambda: box["cb"].process.send_signal(signal.SIGTERM))
+    stats = JobStats("save", "vm")
+    box["cb"] = HelperCallbacks(domain, stats, policy)
+    fd = os.open(os.path.join(short_tmp, "raw"), os.O_WRONLY | os.O_CREAT, 0o600)
+    with pytest.raises(HelperFailed, match="asked to stop"):
+        await run_helper("save", fd, domain, box["cb"], live=True)
+    os.close(fd)
+    assert box["cb"].completed[0] == -1  # it said so with `complete`
+
+
+FAKE_HELPERS = {
+    "nonsense": "import os,sys; fd=int(sys.argv[sys.argv.index('--rpc-fd')+1]); os.write(fd, b'\\x00\\x00\\x00\\x05hello'); import time; time.sleep(30)",
+    "hang": "import time; time.sleep(30)",
+    "exit": "import sys; sys.exit(3)",
+}
+
+
+@pytest.mark.parametrize(
+    "kind, rule",
+    [("nonsense", "sent nonsense"), ("hang", "sent nothing for 1 s"), ("exit", "exit status 3")],
+)
+async def test_misbehaving_helpers_fail_their_job_only(host, short_tmp, kind, rule):
+    domain = await host.create(config())
+    callbacks = HelperCallbacks(domain, JobStats("save", "vm"), XenPolicy())
+    fd = os.open(os.path.join(short_tmp, "raw"), os.O_WRONLY | os.O_CREAT, 0o600)
+    command = [sys.executable, "-c", FAKE_HELPERS[kind], short_tmp]
+    with pytest.raises(HelperFailed, match=rule):
+        await run_helper("save", fd, domain, callbacks, silence_timeout=1, command=command)
+    os.close(fd)
+    assert not processes_mentioning(FAKE_HELPERS[kind][:30])
+
+
+@pytest.fixture
+async def small_save(host, short_tmp):
+    domain = await host.create(config(memory=2 * MiB, rate=1000))
+    await trio.sleep(0.1)
+    path = os.path.join(short_tmp, "small.save")
+    await save_to_file(host, domain, path, live=True, policy=XenPolicy())
+    return open(path, "rb").read()
+
+
+async def restore_fails(host, short_tmp, data: bytes) -> str:
+    path = os.path.join(short_tmp, "bad.save")
+    with open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(ToolstackError) as info:
+        await restore_from_file(host, path)
+    assert not host.domains
+    assert os.listdir(os.path.join(host.state_dir, "domains")) == []
+    return str(info.value)
+
+
+async def test_cut_streams_fail_restore_and_leave_no_domain(host, short_tmp, small_save):
+    rng = random.Random(7)
+    offsets = [10, 47, 60, 100, 200, len(small_save) - 8, len(small_save) - 1]
+    offsets += rng.sample(range(200, len(small_save) - 8), 8)
+    for cut in offsets:
+        message = await restore_fails(host, short_tmp, small_save[:cut])
+        assert "truncated" in message or "died" not in message, (cut, message)
+    assert not processes_mentioning(short_tmp + "/host")
+
+
+async def test_corrupted_records_fail_restore_with_the_rule(host, short_tmp, small_save):
+    header = small_save.index(b"XENF") - 8  # libxc image header
+    page_rec = header + 24 + 16 + 8  # after domain header and STATIC_DATA_END
+    cases = [
+        (header + 8, b"XENX", "not 'XENF'"),
+        (page_rec, b"\x77\x00\x00\x00", "unsupported mandatory record"),
+        (page_rec + 16, (1 << 30).to_bytes(8, "little"), "outside the domain"),
+        (page_rec + 8, (2000).to_bytes(4, "little"), "count 2000"),
+        (10, b"\xff", "bad magic"),
+    ]
+    for offset, new, rule in cases:
+        data = small_save[:offset] + new + small_save[offset + len(new) :]
+        assert rule in await restore_fails(host, short_tmp, data)
+    bad_config = small_save.replace(b'"memory_bytes": 2097152', b'"memory_bytes": -2097152')
+    assert "bad domain config" in await restore_fails(host, short_tmp, bad_config)

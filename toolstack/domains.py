@@ -1,0 +1,283 @@
+"""A host's domains: their configs, their runner processes, and the state dir.
+
+    STATE_DIR/domains/NAME.json   the config (written when the domain is created)
+    STATE_DIR/domains/NAME.sock   the runner's control socket
+
+Runners live in their own sessions: they outlive a toolstack that exits or
+crashes, and `Host.reattach()` finds them again from the state dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+import trio
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from hypervisor import runner_command
+from protocol import _gen_runner_msgs as msgs
+from protocol.limits import PAGE_SIZE
+
+from .channel import AsyncChannel, ChannelError
+
+NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RUNNER_START_TIMEOUT = 30.0
+
+
+class ToolstackError(Exception):
+    """A user-facing failure of a toolstack operation, one line."""
+
+
+class DomainConfig(BaseModel):
+    """What a domain is: saved in the state dir, in save files and sent to a
+    migration destination, so it is validated like any input from outside."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str
+    memory_bytes: int = Field(gt=0, le=1 << 40)
+    backend: str = "sim"
+    dirty_rate: float = Field(default=0.0, ge=0, le=10_000_000)
+    working_set: float = Field(default=1.0, ge=0, le=1)
+    skew: float = Field(default=0.0, ge=0, le=1)
+    seed: int = Field(default=1, ge=0, lt=1 << 63)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RULE.match(v):
+            raise ValueError("names are 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("memory_bytes")
+    @classmethod
+    def _pages(cls, v: int) -> int:
+        if v % PAGE_SIZE:
+            raise ValueError(f"memory must be a multiple of {PAGE_SIZE} bytes")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in ("sim", "kvm"):
+            raise ValueError("backend is sim or kvm")
+        return v
+
+    @property
+    def workload(self) -> msgs.Workload:
+        return msgs.Workload(self.dirty_rate, self.working_set, self.skew, self.seed)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> DomainConfig:
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "config"
+            raise ToolstackError(f"bad domain config: {where}: {first['msg']}") from None
+
+
+class Domain:
+    """One domain of this host and the way to its runner."""
+
+    def __init__(self, host: Host, config: DomainConfig) -> None:
+        self.host = host
+        self.config = config
+        self.busy: str | None = None  # the job that owns it right now (save, migrate...)
+        self.process: subprocess.Popen | None = None  # None when re-attached after a restart
+        # An incoming domain destroys itself when its last client leaves
+        # before it ran; this connection is the toolstack's claim on it.
+        self.keeper: RunnerLink | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def control_path(self) -> str:
+        return self.host.path(self.name, "sock")
+
+    async def connect(self) -> RunnerLink:
+        try:
+            stream = await trio.open_unix_socket(self.control_path)
+        except OSError as exc:
+            raise ToolstackError(
+                f"domain {self.name}: runner unreachable ({exc.strerror})"
+            ) from None
+        return RunnerLink(self, stream)
+
+    async def call(self, name: str, *args):
+        """One hypercall on a fresh connection (cheap: a unix socket)."""
+        link = await self.connect()
+        async with link:
+            return await link.call(name, *args)
+
+
+class RunnerLink:
+    """A connection to a runner; `await link.call("pause")`."""
+
+    def __init__(self, domain: Domain, stream) -> None:
+        self.domain = domain
+        self.channel = AsyncChannel(stream, msgs.TABLE, sends=msgs.DIRECTION, receives=None)
+
+    async def call(self, name: str, *args):
+        spec = next(s for s in msgs.TABLE.values() if s.name == name)
+        try:
+            return await self.channel.call(spec.model(*args))
+        except ChannelError as exc:
+            raise ToolstackError(f"domain {self.domain.name}: {exc}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise ToolstackError(f"domain {self.domain.name}: runner connection lost") from None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.channel.aclose()
+
+
+class Host:
+    """The domains of one host (one state dir)."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        os.makedirs(os.path.join(self.state_dir, "domains"), exist_ok=True)
+        self.domains: dict[str, Domain] = {}
+
+    def path(self, name: str, ext: str) -> str:
+        return os.path.join(self.state_dir, "domains", f"{name}.{ext}")
+
+    def get(self, name: str) -> Domain:
+        try:
+            return self.domains[name]
+        except KeyError:
+            raise ToolstackError(f"no domain named {name!r}") from None
+
+    async def create(
+        self, config: DomainConfig, paused: bool = False, incoming: bool = False
+    ) -> Domain:
+        if config.name in self.domains:
+            raise ToolstackError(f"a domain named {config.name!r} already exists")
+        domain = Domain(self, config)
+        self.domains[config.name] = domain  # reserved while the runner starts
+        try:
+            await self._start_runner(domain, paused, incoming)
+        except BaseException:
+            del self.domains[config.name]
+            raise
+        if incoming:
+            domain.keeper = await domain.connect()
+        else:
+            self._save_config(domain)
+        return domain
+
+    async def commit(self, domain: Domain) -> None:
+        """An incoming domain was unpaused (or paused for good): it is a real
+        domain now, remembered across restarts."""
+        self._save_config(domain)
+        await self._drop_keeper(domain)
+
+    async def _drop_keeper(self, domain: Domain) -> None:
+        if domain.keeper is not None:
+            with trio.CancelScope(shield=True):
+                await domain.keeper.channel.aclose()
+            domain.keeper = None
+
+    def _save_config(self, domain: Domain) -> None:
+        tmp = self.path(domain.name, "json.tmp")
+        with open(tmp, "w") as f:
+            f.write(domain.config.model_dump_json())
+        os.rename(tmp, self.path(domain.name, "json"))
+
+    async def _start_runner(self, domain: Domain, paused: bool, incoming: bool) -> None:
+        c = domain.config
+        cmd = runner_command(
+            c.name, c.memory_bytes, domain.control_path, c.backend, c.workload, incoming, paused
+        )
+        proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
+        try:
+            with trio.fail_after(RUNNER_START_TIMEOUT):
+                while not os.path.exists(domain.control_path):
+                    if proc.poll() is not None:
+                        raise ToolstackError(
+                            f"domain {c.name}: runner exited with status {proc.returncode}"
+                        )
+                    await trio.sleep(0.01)
+        except BaseException as exc:
+            proc.kill()
+            proc.wait()
+            if isinstance(exc, trio.TooSlowError):
+                raise ToolstackError(f"domain {c.name}: runner did not start") from None
+            raise
+        # Kept so that destroy can reap it: a runner is our child even in its
+        # own session, and would stay a zombie until waited for.
+        domain.process = proc
+
+    async def destroy(self, domain: Domain) -> None:
+        with trio.CancelScope(shield=True):
+            await self._destroy(domain)
+
+    async def _destroy(self, domain: Domain) -> None:
+        try:
+            await domain.call("destroy")
+        except ToolstackError:
+            pass  # already gone
+        await self._drop_keeper(domain)
+        proc = domain.process
+        if proc is not None:
+            with trio.move_on_after(10):
+                while proc.poll() is None:
+                    await trio.sleep(0.01)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.forget(domain)
+
+    def forget(self, domain: Domain) -> None:
+        self.domains.pop(domain.name, None)
+        for ext in ("json", "sock"):
+            try:
+                os.unlink(self.path(domain.name, ext))
+            except FileNotFoundError:
+                pass
+
+    async def reattach(self) -> list[str]:
+        """Find the domains a previous toolstack left running."""
+        found = []
+        folder = os.path.join(self.state_dir, "domains")
+        for entry in sorted(os.listdir(folder)):
+            if not entry.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(folder, entry)) as f:
+                    config = DomainConfig.from_json(f.read())
+            except (OSError, ToolstackError):
+                continue
+            domain = Domain(self, config)
+            try:
+                await domain.call("getinfo")
+            except ToolstackError:
+                self.forget(domain)  # its runner is gone
+                continue
+            self.domains[config.name] = domain
+            found.append(config.name)
+        return found
+
+    async def info(self, domain: Domain) -> dict:
+        info = await domain.call("getinfo")
+        return {
+            "name": domain.name,
+            "state": info.state.name.lower(),
+            "backend": info.backend,
+            "memory_bytes": info.pages * PAGE_SIZE,
+            "writes": info.writes,
+            "guest_check": info.guest_check,
+            "job": domain.busy,
+        }
+
+
+def config_json(config: DomainConfig) -> bytes:
+    return json.dumps(config.model_dump()).encode()

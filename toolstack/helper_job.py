@@ -1,0 +1,202 @@
+"""Run one save or restore helper and answer its callbacks.
+
+The helper is exec'd with the stream fd and one end of a socketpair; every
+callback arrives as a generated message and is routed by the generated
+dispatch table to `HelperCallbacks`.  Whatever the helper does (crash, hang,
+send nonsense) ends this job with a one-line error and never more: the
+process is always reaped before `run_helper` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+
+import trio
+
+from protocol import Call, ProtocolError
+from protocol import _gen_helper_msgs as msgs
+from protocol._gen_helper_msgs import PrecopyDecision
+
+from ._gen_helper_dispatch import ToolstackHandlers
+from .channel import AsyncChannel, ChannelError
+from .domains import Domain, ToolstackError
+from .policies import Policy
+from .stats import JobStats
+
+log = logging.getLogger("ferry.helper")
+HELPER_SILENCE_TIMEOUT = 60.0  # s without a message from a working helper: it hangs
+
+
+class HelperFailed(ToolstackError):
+    pass
+
+
+def helper_command() -> list[str]:
+    installed = os.path.join(os.path.dirname(sys.executable), "ferry-save-helper")
+    if os.path.exists(installed):
+        return [installed]
+    found = shutil.which("ferry-save-helper")
+    return [found] if found else [sys.executable, "-m", "helper.main"]
+
+
+class HelperCallbacks(ToolstackHandlers):
+    """The toolstack's side of the callback table, for one job."""
+
+    def __init__(self, domain: Domain, stats: JobStats, policy: Policy | None = None):
+        self.domain = domain
+        self.stats = stats
+        self.policy = policy
+        self.completed: tuple[int, int, str] | None = None
+        self.suspended = False
+        self.restored_pages = 0
+        self.process = None  # the helper's trio Process while it runs
+
+    async def on_log(self, level, errnoval, context, message) -> None:
+        log.log(
+            logging.ERROR if level <= 3 else logging.INFO,
+            "%s %s: %s",
+            self.domain.name,
+            context,
+            message,
+        )
+
+    async def on_progress(self, context, doing_what, done, total) -> None:
+        self.stats.record_progress(doing_what, done, total)
+
+    async def on_suspend(self) -> bool:
+        await self.domain.call("pause")
+        self.suspended = True
+        self.stats.record_suspend()
+        return True
+
+    async def on_postcopy(self) -> bool:
+        return False
+
+    async def on_checkpoint(self) -> int:
+        return 0  # no checkpointed (Remus/COLO) streams: stop after the first
+
+    async def on_wait_checkpoint(self) -> int:
+        return 0
+
+    async def on_switch_logdirty(self, enable) -> bool:
+        return True  # ferry domains have no separate device model to switch
+
+    async def on_static_data_done(self, missing) -> int:
+        return 0
+
+    async def on_restore_results(self, pages, store_gfn, console_gfn) -> None:
+        self.restored_pages = pages
+
+    async def on_complete(self, retval, errnoval, message) -> None:
+        self.completed = (retval, errnoval, message)
+
+    async def on_precopy_policy(self, stats) -> PrecopyDecision:
+        decision = self.policy.decide(stats) if self.policy else PrecopyDecision.STOP_AND_COPY
+        if decision == PrecopyDecision.POSTCOPY:
+            # not implemented yet: never answer it (the helper would refuse)
+            decision = PrecopyDecision.STOP_AND_COPY
+        s = self.stats
+        s.record_batch(stats)
+        s.phase = "precopy"
+        if self.policy:
+            if decision != PrecopyDecision.CONTINUE_PRECOPY:
+                s.decision = f"{decision.name.lower()}: {self.policy.reason}"
+                log.info("%s: %s", self.domain.name, s.decision)
+        s.policy_latencies_us.append((time.monotonic_ns() - stats.time_ns) / 1e3)
+        return decision
+
+
+async def run_helper(
+    mode: str,
+    io_fd: int,
+    domain: Domain,
+    callbacks: HelperCallbacks,
+    live: bool = False,
+    silence_timeout: float = HELPER_SILENCE_TIMEOUT,
+    command: list[str] | None = None,
+) -> None:
+    """Run a helper to completion; HelperFailed (one line) if it did not succeed."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    cmd = [*(command or helper_command()), f"--{mode}-domain", "--io-fd", str(io_fd)]
+    cmd += ["--rpc-fd", str(theirs.fileno()), "--domain", domain.control_path]
+    if live:
+        cmd.append("--live")
+    try:
+        proc = await trio.lowlevel.open_process(cmd, pass_fds=(io_fd, theirs.fileno()))
+    finally:
+        theirs.close()
+    callbacks.process = proc
+    channel = AsyncChannel(
+        trio.SocketStream(trio.socket.from_stdlib_socket(ours)),
+        msgs.TABLE,
+        sends=None,
+        receives=msgs.DIRECTION,
+    )
+    try:
+        await _serve(channel, callbacks, silence_timeout, mode)
+    except _HelperDied:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await proc.wait()
+        _kill(proc)
+        status = describe_exit(proc.returncode)
+        raise HelperFailed(f"{mode} helper died before completing ({status})") from None
+    except BaseException:
+        _kill(proc)
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(10):
+                await proc.wait()
+            _kill(proc)
+            await proc.wait()
+            await channel.aclose()
+    retval, errnoval, message = callbacks.completed
+    if retval != 0:
+        raise HelperFailed(message or f"{mode} helper failed (errno {errnoval})")
+
+
+async def _serve(channel: AsyncChannel, callbacks: HelperCallbacks, timeout: float, mode: str):
+    while callbacks.completed is None:
+        try:
+            with trio.fail_after(timeout):
+                event = await channel.next_event()
+        except trio.TooSlowError:
+            raise HelperFailed(f"{mode} helper sent nothing for {timeout:g} s; killed it") from None
+        except ChannelError:
+            raise _HelperDied from None
+        except ProtocolError as exc:
+            raise HelperFailed(f"{mode} helper sent nonsense: {exc}") from None
+        if not isinstance(event, Call):
+            raise HelperFailed(f"{mode} helper sent an unexpected {type(event).__name__}")
+        reply = await callbacks.dispatch(event.message)
+        if event.message.SPEC.wants_reply:
+            try:
+                await channel.send(channel.conn.send_reply(reply))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _HelperDied from None
+
+
+class _HelperDied(Exception):
+    pass
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
+
+
+def _kill(proc) -> None:
+    if proc.returncode is None:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,134 @@
+"""What a job knows about itself: the numbers `ferry job` shows.
+
+Modelled on `virsh domjobinfo`: phase, time elapsed, memory processed and
+remaining, dirty rate, bandwidth, expected and measured downtime, plus the
+per-iteration counts and the policy RPC's count and latency.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from protocol.libxc import page_data_size
+from protocol.limits import PAGE_SIZE
+
+from .estimate import Estimator
+
+
+@dataclass
+class Iteration:
+    pages: int = 0
+    bytes: int = 0
+    dirty_at_start: int = -1
+    final: bool = False  # the stop-and-copy pass, sent with the guest suspended
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class JobStats:
+    kind: str
+    domain: str
+    memory_bytes: int = 0
+    phase: str = "starting"
+    started_ns: int = field(default_factory=time.monotonic_ns)
+    ended_ns: int | None = None
+    iterations: list[Iteration] = field(default_factory=list)
+    pages_sent: int = 0
+    bytes_sent: int = 0
+    remaining_pages: int | None = None
+    estimate: Estimator = field(default_factory=Estimator)
+    suspended_ns: int | None = None
+    resumed_ns: int | None = None  # destination unpaused (or the save finished)
+    policy_latencies_us: list[float] = field(default_factory=list)
+    decision: str = ""  # the last non-continue decision and why
+    source_digest: str = ""  # RAM digest of the suspended source, when asked for
+    error: str = ""
+
+    # -- updates ----------------------------------------------------------
+    def record_batch(self, stats) -> None:
+        """From a precopy_policy call: the helper's counters after a batch."""
+        self.estimate.update(stats)
+        while len(self.iterations) <= stats.iteration:
+            self.iterations.append(Iteration())
+        it = self.iterations[stats.iteration]
+        it.pages, it.bytes, it.dirty_at_start = (
+            stats.iter_written,
+            stats.iter_bytes,
+            stats.dirty_count,
+        )
+        self.pages_sent = stats.total_written
+        self.bytes_sent = stats.total_bytes
+        self.remaining_pages = stats.iter_remaining
+
+    def record_suspend(self) -> None:
+        """Stop and copy begins: the next pages go into the final pass (the
+        iteration that was stopped before it sent anything, or a new one)."""
+        self.phase = "stop-and-copy"
+        self.suspended_ns = time.monotonic_ns()
+        if not self.iterations or self.iterations[-1].pages:
+            self.iterations.append(Iteration())
+        self.iterations[-1].final = True
+        self._final_base = (self.pages_sent, self.bytes_sent)
+
+    def record_progress(self, doing_what: str, done: int, total: int) -> None:
+        self.remaining_pages = total - done
+        if self.phase == "stop-and-copy":
+            final = self.iterations[-1]
+            final.pages, final.bytes = done, page_data_size(done)
+            self.pages_sent = self._final_base[0] + done
+            self.bytes_sent = self._final_base[1] + final.bytes
+
+    def finish(self, phase: str, error: str = "") -> None:
+        self.phase = phase
+        self.error = error
+        self.ended_ns = time.monotonic_ns()
+
+    # -- derived ----------------------------------------------------------
+    @property
+    def elapsed_ms(self) -> float:
+        end = self.ended_ns or time.monotonic_ns()
+        return (end - self.started_ns) / 1e6
+
+    @property
+    def downtime_ms(self) -> float | None:
+        if self.suspended_ns is None or self.resumed_ns is None:
+            return None
+        return (self.resumed_ns - self.suspended_ns) / 1e6
+
+    def to_dict(self) -> dict:
+        e = self.estimate
+        processed = self.pages_sent * PAGE_SIZE
+        remaining = None if self.remaining_pages is None else self.remaining_pages * PAGE_SIZE
+        return {
+            "kind": self.kind,
+            "domain": self.domain,
+            "phase": self.phase,
+            "iteration": max(0, len(self.iterations) - 1),
+            "elapsed_ms": round(self.elapsed_ms, 1),
+            "memory_total": self.memory_bytes,
+            "memory_processed": processed,
+            "memory_remaining": remaining,
+            "pages_sent": self.pages_sent,
+            "bytes_sent": self.bytes_sent,
+            "dirty_rate_pages_s": _round(e.dirty_rate),
+            "bandwidth_mb_s": _round(e.bandwidth and e.bandwidth / 1e6),
+            "expected_downtime_ms": _round(e.expected_downtime_ms),
+            "downtime_ms": _round(self.downtime_ms),
+            "iterations": [vars(it) for it in self.iterations],
+            "policy_rpcs": len(self.policy_latencies_us),
+            "policy_rpc_p50_us": _round(percentile(self.policy_latencies_us, 0.5)),
+            "policy_rpc_p99_us": _round(percentile(self.policy_latencies_us, 0.99)),
+            "decision": self.decision,
+            "error": self.error,
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
