@@ -12,7 +12,10 @@ Exit status 0 on success, 1 on failure.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
+import os
+import signal
 import sys
 
 from hypervisor import RpcError, RunnerClient
@@ -22,6 +25,8 @@ from .fdio import FdReader, FdWriter, StreamClosed
 from .restore import Restorer
 from .save import SaveAborted, Saver
 from .toolstack_link import LOG_ERROR, ToolstackLink
+
+PR_SET_PDEATHSIG = 1
 
 
 def parse_args(argv):
@@ -52,8 +57,21 @@ def run(args, link: ToolstackLink) -> None:
                 job.close()
 
 
+def die_with_parent() -> None:
+    """A helper whose toolstack died has nobody to answer it: end at once
+    (PR_SET_PDEATHSIG), which also closes the stream for the other host."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the rpc socket's EOF still ends us at the next call
+    if os.getppid() == 1:
+        sys.exit(1)  # the parent was already gone
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    die_with_parent()
     link = ToolstackLink(args.rpc_fd)
     context = "save" if args.save_domain else "restore"
     try:
