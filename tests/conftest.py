@@ -86,3 +86,90 @@ async def host(short_tmp):
         await h.destroy(domain)
     leaked = kill_all_mentioning(short_tmp)
     assert not leaked, f"processes left behind: {leaked}"
+
+
+class DaemonHandle:
+    def __init__(self, root: str, name: str, key: str, listen: bool) -> None:
+        import sys
+
+        self.state = os.path.join(root, name)
+        self.socket = os.path.join(self.state, "control.sock")
+        self.log = os.path.join(root, f"{name}.log")
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "toolstack.daemon",
+            "--state-dir",
+            self.state,
+            "--auth-key",
+            key,
+        ]
+        if listen:
+            self.cmd += ["--listen", "127.0.0.1:0"]
+        self.proc = None
+        self.port = None
+
+    def start(self):
+        from toolstack.demo import wait_for_daemon
+
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        wait_for_daemon(self.proc, self.socket)
+        self.port = self.request("ping")["listen_port"]
+        return self
+
+    def request(self, op: str, **fields) -> dict:
+        from toolstack.client import DaemonClient
+
+        with DaemonClient(self.socket) as c:
+            return c.request(op, **fields)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+
+class Cluster:
+    """Daemons on loopback in a private directory (each a real ferryd process)."""
+
+    def __init__(self, root: str) -> None:
+        import secrets
+
+        self.root = root
+        self.key = self.write_key("auth.key", secrets.token_hex(32))
+        self.daemons: list[DaemonHandle] = []
+
+    def write_key(self, name: str, text: str) -> str:
+        path = os.path.join(self.root, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def daemon(self, name: str, listen: bool = True, key: str | None = None) -> DaemonHandle:
+        handle = DaemonHandle(self.root, name, key or self.key, listen).start()
+        self.daemons.append(handle)
+        return handle
+
+    def cleanup(self) -> None:
+        for d in self.daemons:
+            if d.proc.poll() is None:
+                try:
+                    for dom in d.request("list")["domains"]:
+                        d.request("destroy", name=dom["name"])
+                except Exception:
+                    pass
+                d.proc.send_signal(signal.SIGTERM)
+                try:
+                    d.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    d.proc.kill()
+                    d.proc.wait()
+
+
+@pytest.fixture
+def cluster(short_tmp):
+    c = Cluster(short_tmp)
+    yield c
+    c.cleanup()
+    leaked = kill_all_mentioning(short_tmp)
+    assert not leaked, f"processes left behind: {leaked}"

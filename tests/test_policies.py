@@ -109,6 +109,12 @@ def test_converge_fallbacks_after_max_iterations_or_timeout():
     assert "timeout" in q.reason
 
 
+def test_converge_downtime_limit_0_leaves_only_the_fallbacks():
+    p = ConvergePolicy(downtime_limit=0, max_iterations=1000)
+    assert feed_bandwidth(p, 100, remaining=0, dirty=0) == CONTINUE
+    assert p.estimate.expected_downtime_ms == 0
+
+
 def test_operator_requests_and_live_settings():
     p = ConvergePolicy()
     p.request(ABORT)

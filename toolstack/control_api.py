@@ -143,8 +143,7 @@ class ControlApi:
         domain = self._idle_domain(r)
         address = field(r, "address", str)
         key = self._auth_key(r)
-        tunables = ("downtime_limit", "max_iterations", "precopy_timeout", "fallback")
-        settings = {k: r[k] for k in tunables if r.get(k) is not None}
+        settings = field(r, "settings", dict, {})
         policy = make_policy(field(r, "policy", str, "converge"), **settings)
         stats = JobStats("migrate", domain.name, domain.config.memory_bytes)
 

@@ -8,8 +8,9 @@ operator's request (`request()`), changed limits (`set()`), the clock.
               `max_dirty` pages are dirty, or after `max_iterations`.
     converge  QEMU's rule: stop and copy once the expected downtime
               (remaining dirty bytes / measured bandwidth) is within
-              `downtime_limit`; after `max_iterations` or `precopy_timeout`
-              take the `fallback` (stop-and-copy or abort).
+              `downtime_limit` (ms; 0 switches this test off); after
+              `max_iterations` or `precopy_timeout` (s; 0 = none) take the
+              `fallback` (stop-and-copy or abort).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class ConvergePolicy(Policy):
     def rule(self, stats: PrecopyStats) -> PrecopyDecision:
         self.estimate.update(stats)
         expected = self.estimate.expected_downtime_ms
-        if expected is not None and expected <= self.downtime_limit:
+        if self.downtime_limit and expected is not None and expected <= self.downtime_limit:
             self.reason = (
                 f"expected downtime {expected:.0f} ms is within {self.downtime_limit:g} ms"
             )

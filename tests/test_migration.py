@@ -1,0 +1,278 @@
+"""Live migration between real ferryd processes on loopback, and job control."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from toolstack.client import DaemonError
+
+MiB = 1 << 20
+
+
+def create(daemon, name, memory=32 * MiB, rate=20_000.0, ws=1.0, backend="sim"):
+    config = {
+        "name": name,
+        "memory_bytes": memory,
+        "backend": backend,
+        "dirty_rate": rate,
+        "working_set": ws,
+        "seed": 3,
+    }
+    return daemon.request("create", config=json.dumps(config))["domain"]
+
+
+def migrate(src, dst, name, **fields) -> dict:
+    return src.request(
+        "migrate", name=name, address=f"127.0.0.1:{dst.port}", verify=True, **fields
+    )["report"]
+
+
+def writes(daemon, name) -> int:
+    return daemon.request("info", name=name)["domain"]["writes"]
+
+
+def assert_running_and_writing(daemon, name):
+    before = writes(daemon, name)
+    time.sleep(0.3)
+    info = daemon.request("info", name=name)["domain"]
+    assert info["state"] == "running" and info["writes"] > before
+
+
+def ferry(daemon, *args, check=True):
+    r = subprocess.run(
+        [sys.executable, "-m", "toolstack", "--connect", daemon.socket, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in r.stderr
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_migrate_a_busy_domain(cluster):
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    create(a, "vm1")
+    time.sleep(0.3)
+    r = ferry(a, "migrate", "vm1", f"127.0.0.1:{b.port}", "--verify", "--json")
+    report = json.loads(r.stdout)
+    assert report["integrity"] == "ok" and report["phase"] == "completed"
+    assert report["downtime_ms"] > 0 and report["policy_rpcs"] > 0
+    assert report["iterations"][0]["pages"] == 32 * MiB // 4096
+    assert a.request("list")["domains"] == []
+    assert_running_and_writing(b, "vm1")
+    assert b.request("guest-check", name="vm1")["guest_check"] == "ok"
+    listed = json.loads(ferry(b, "list", "--json").stdout)
+    assert [(d["name"], d["state"], d["backend"], d["memory_bytes"]) for d in listed] == [
+        ("vm1", "running", "sim", 32 * MiB)
+    ]
+    job = json.loads(ferry(a, "job", "vm1", "--json").stdout)
+    assert job["phase"] == "completed" and job["downtime_ms"] == report["downtime_ms"]
+
+
+def test_several_domains_migrate_at_once(cluster):
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    names = ["m1", "m2", "m3"]
+    for n in names:
+        create(a, n, rate=10_000)
+    results = {}
+
+    def run(n):
+        results[n] = migrate(a, b, n)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert {n: r["integrity"] for n, r in results.items()} == dict.fromkeys(names, "ok")
+    assert sorted(d["name"] for d in b.request("list")["domains"]) == names
+
+
+ENDLESS = {
+    "xen": {"max_dirty": 0, "max_iterations": 1_000_000},
+    "converge": {"downtime_limit": 0, "max_iterations": 1_000_000},
+}
+
+
+def start_endless_migration(a, b, name="vm1", policy="xen"):
+    """A migration that never converges on its own (until steered)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["report"] = migrate(a, b, name, policy=policy, settings=ENDLESS[policy])
+        except DaemonError as exc:
+            outcome["error"] = str(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            job = a.request("job", name=name)["job"]
+            if job["phase"] == "precopy" and job["iteration"] >= 1:
+                return thread, outcome
+        except DaemonError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError("the migration never reached iteration 1")
+
+
+def test_job_control_abort_mid_precopy(cluster):
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    create(a, "vm1", rate=40_000)
+    thread, outcome = start_endless_migration(a, b)
+    r = ferry(a, "job-control", "vm1", "abort")
+    assert "abort requested" in r.stdout
+    thread.join(60)
+    assert "policy aborted" in outcome["error"]
+    info = a.request("info", name="vm1")["domain"]
+    assert info["job"] is None
+    assert_running_and_writing(a, "vm1")
+    assert a.request("guest-check", name="vm1")["guest_check"] == "ok"
+    assert b.request("list")["domains"] == []
+    job = a.request("job", name="vm1")["job"]
+    assert job["phase"] == "failed" and "operator requested abort" in job["decision"]
+
+
+def test_job_control_stop_and_copy_completes_at_once(cluster):
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    create(a, "vm1", rate=40_000)
+    thread, outcome = start_endless_migration(a, b)
+    a.request("job-control", name="vm1", action="stop-and-copy")
+    thread.join(60)
+    assert outcome["report"]["integrity"] == "ok"
+    assert "operator requested stop-and-copy" in outcome["report"]["decision"]
+    assert_running_and_writing(b, "vm1")
+
+
+def test_set_downtime_limit_mid_flight_changes_when_converge_switches_over(cluster):
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    create(a, "vm1", rate=40_000)
+    thread, outcome = start_endless_migration(a, b, policy="converge")
+    r = ferry(a, "job-control", "vm1", "set", "downtime_limit=10000")
+    assert "downtime_limit = 10000" in r.stdout
+    thread.join(60)
+    assert "within 10000 ms" in outcome["report"]["decision"]
+    assert outcome["report"]["integrity"] == "ok"
+
+
+def test_set_a_xen_limit_mid_flight(cluster):
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    create(a, "vm1", rate=40_000)
+    thread, outcome = start_endless_migration(a, b)
+    r = ferry(a, "job-control", "vm1", "set", "max_dirty=1000000")
+    assert "max_dirty = 1000000" in r.stdout
+    thread.join(60)
+    assert "fewer than 1000000" in outcome["report"]["decision"]
+    bad = ferry(a, "job-control", "vm1", "set", "downtime_limit=soon", check=False)
+    assert bad.returncode == 1 and "no running job" in bad.stderr
+
+
+def test_destination_killed_mid_stream_resumes_the_source(cluster):
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    create(a, "vm1", rate=40_000)
+    thread, outcome = start_endless_migration(a, b)
+    b.stop(signal.SIGKILL)
+    thread.join(60)
+    assert not thread.is_alive()
+    assert "error" in outcome and outcome["error"]
+    assert_running_and_writing(a, "vm1")
+    assert a.request("info", name="vm1")["domain"]["job"] is None
+    # the half-built destination domain removed itself with its toolstack
+    deadline = time.monotonic() + 15
+    while (
+        os.path.exists(os.path.join(b.state, "domains", "vm1.sock")) and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert not os.path.exists(os.path.join(b.state, "domains", "vm1.sock"))
+
+
+def test_wrong_auth_key_is_refused_before_anything_is_created(cluster):
+    b = cluster.daemon("b")
+    intruder = cluster.daemon("c", listen=False, key=cluster.write_key("other.key", "x" * 64))
+    create(intruder, "vm1")
+    r = ferry(intruder, "migrate", "vm1", f"127.0.0.1:{b.port}", check=False)
+    assert r.returncode == 1 and "authentication" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert b.request("list")["domains"] == []
+    assert os.listdir(os.path.join(b.state, "domains")) == []
+    assert_running_and_writing(intruder, "vm1")
+
+
+def test_daemon_restart_reattaches_running_domains(cluster):
+    a = cluster.daemon("a", listen=False)
+    create(a, "vm1")
+    create(a, "vm2", rate=0)
+    a.request("pause", name="vm2")
+    assert a.stop() == 0
+    a.start()
+    listed = {d["name"]: d["state"] for d in a.request("list")["domains"]}
+    assert listed == {"vm1": "running", "vm2": "paused"}
+    assert_running_and_writing(a, "vm1")
+
+
+def test_cli_errors_are_one_line(cluster, short_tmp):
+    a = cluster.daemon("a", listen=False)
+    for args, text in [
+        (["pause", "nosuch"], "no domain named 'nosuch'"),
+        (["create", "x", "--memory", "12"], "multiple of 4096"),
+        (["create", "bad name!", "--memory", "1M"], "names are"),
+        (["migrate", "nosuch", "nowhere"], "no domain named"),
+        (["job", "nosuch"], "no job"),
+        (["restore", os.path.join(short_tmp, "missing")], "cannot read"),
+    ]:
+        r = ferry(a, *args, check=False)
+        assert r.returncode == 1 and text in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toolstack",
+            "--connect",
+            os.path.join(short_tmp, "no.sock"),
+            "list",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "cannot reach ferryd" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_save_and_restore_through_the_cli(cluster, short_tmp):
+    a = cluster.daemon("a", listen=False)
+    create(a, "vm1", rate=5_000)
+    path = os.path.join(short_tmp, "vm1.save")
+    ferry(a, "save", "vm1", path, "--live")
+    assert a.request("list")["domains"] == []
+    assert "valid xl stream" in ferry(a, "verify-stream", path).stdout
+    ferry(a, "restore", path, "--paused")
+    digest = ferry(a, "digest", "vm1").stdout.strip()
+    assert len(digest) == 64
+    ferry(a, "unpause", "vm1")
+    assert_running_and_writing(a, "vm1")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_daemon_stop_mid_migration_resumes_the_source(cluster, signum):
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    create(a, "vm1", rate=40_000)
+    thread, outcome = start_endless_migration(a, b)
+    assert a.stop(signum) == 0
+    thread.join(60)
+    assert "error" in outcome
+    a.start()
+    assert_running_and_writing(a, "vm1")
+    assert b.request("list")["domains"] == []
