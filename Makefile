@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo gen bench lint
+.PHONY: setup test demo gen bench lint guest
 
 setup: $(STAMP)
 
@@ -29,3 +29,10 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The KVM guest program: its source is hypervisor/guest/guest.S; the built
+# bytes are checked in (tests compare them with a fresh build where GNU as exists).
+guest:
+	as --32 -o hypervisor/guest/guest.o hypervisor/guest/guest.S
+	objcopy -O binary hypervisor/guest/guest.o hypervisor/guest/guest.bin
+	rm -f hypervisor/guest/guest.o

@@ -31,11 +31,9 @@ class DemoError(Exception):
 
 
 def kvm_usable() -> bool:
-    try:
-        from hypervisor.kvm import kvm_available
-    except ImportError:
-        return False
-    return kvm_available()
+    from hypervisor.kvm_api import kvm_usable as usable
+
+    return usable()
 
 
 class Demo:
