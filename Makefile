@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/ferry demo --memory 1GiB
+	$(VENV)/bin/ferry demo --backend sim --memory 1GiB
 
 gen: setup
 	$(PY) -m codegen
