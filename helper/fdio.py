@@ -58,20 +58,24 @@ class FdReader:
         self.fd = fd
         self.read = 0
 
-    def read_exact(self, n: int) -> bytes:
-        """Exactly n octets, or fewer only at end of stream."""
-        parts, got = [], 0
+    def read_exact(self, n: int) -> bytearray:
+        """Exactly n octets (fewer only at end of stream), read straight into
+        one new bytearray that the caller may keep."""
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
         while got < n:
             try:
-                chunk = os.read(self.fd, n - got)
+                count = os.readv(self.fd, [view[got:]])
             except BlockingIOError:
                 _wait(self.fd, select.POLLIN)
                 continue
             except ConnectionResetError:
-                chunk = b""
-            if not chunk:
+                count = 0
+            if not count:
                 break
-            parts.append(chunk)
-            got += len(chunk)
+            got += count
+        view.release()
         self.read += got
-        return b"".join(parts)
+        if got < n:
+            del buf[got:]
+        return buf

@@ -17,6 +17,7 @@ import errno
 import os
 import signal
 import sys
+import traceback
 
 from hypervisor import RpcError, RunnerClient
 from protocol import ProtocolError
@@ -86,6 +87,10 @@ def main(argv=None) -> int:
         return fail(link, context, errno.EIO, f"domain or toolstack call failed: {exc}")
     except OSError as exc:
         return fail(link, context, exc.errno or errno.EIO, f"{exc.strerror or exc}")
+    except Exception as exc:  # a bug here must still end the job with a reason
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        detail = f"{type(exc).__name__}: {exc} ({os.path.basename(where.filename)}:{where.lineno})"
+        return fail(link, context, errno.EIO, f"internal error in the helper: {detail}")
     link.complete(0, 0, "")
     return 0
 

@@ -9,6 +9,8 @@ libxl records that follow from the same fd.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from hypervisor import RunnerClient
@@ -26,6 +28,7 @@ class Restorer:
         self.reader = reader
         self.memory = domain.map_guest_memory(writable=True)
         self.decoder = libxc.LibxcDecoder(max_pfns=self.memory.pages)
+        self.written = np.zeros(self.memory.pages, dtype=bool)  # pfns this restore wrote
         self.pages_written = 0
         self.context: bytes | None = None
         self.params: dict[int, int] = {}
@@ -73,10 +76,33 @@ class Restorer:
                 self.decoder.feed_eof()
 
     def write_pages(self, event: libxc.PageData) -> None:
-        pfns = event.data_pfns
+        """One pwritev per run of contiguous pfns, through the memfd rather
+        than the mapping: the kernel allocates fresh pages without a page
+        fault each.  The incoming domain's RAM starts zeroed, so a zero page
+        for a pfn this restore never wrote is skipped: untouched guest memory
+        stays unallocated here too."""
+        pfns = event.data_pfns.astype(np.intp)
         if event.postcopy:
             raise RemoteProtocolError("POSTCOPY_PAGE_DATA without postcopy", self.decoder.offset)
-        if len(pfns):
-            pages = np.frombuffer(event.data, dtype=np.uint8).reshape(len(pfns), PAGE_SIZE)
-            self.memory.bytes[pfns.astype(np.intp)] = pages
+        words = np.frombuffer(event.data, dtype=np.uint64).reshape(len(pfns), PAGE_SIZE // 8)
+        keep = words.any(axis=1) | self.written[pfns]
+        self.written[pfns] = True
         self.pages_written += len(pfns)
+        for first, last in runs(np.flatnonzero(keep), pfns):
+            chunk = event.data[first * PAGE_SIZE : (last + 1) * PAGE_SIZE]
+            offset = int(pfns[first]) * PAGE_SIZE
+            while chunk:
+                written = os.pwritev(self.memory.fd, [chunk], offset)
+                chunk, offset = chunk[written:], offset + written
+
+
+def runs(positions: np.ndarray, pfns: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) positions of each stretch that is contiguous both in
+    the record and in guest memory."""
+    if not len(positions):
+        return []
+    step = (np.diff(positions) != 1) | (np.diff(pfns[positions]) != 1)
+    breaks = np.flatnonzero(step)
+    firsts = positions[np.concatenate(([0], breaks + 1))]
+    lasts = positions[np.concatenate((breaks, [len(positions) - 1]))]
+    return list(zip(firsts.tolist(), lasts.tolist(), strict=True))

@@ -211,6 +211,7 @@ class Saver:
                 pos = data
             if pos < end:
                 hole = min(os.lseek(self.memory.fd, pos, os.SEEK_HOLE), end)
+                self.memory.populate(pos, hole - pos)
                 views.append(self.memory.view[pos:hole])
                 pos = hole
         return views

@@ -46,7 +46,27 @@ def sequence(workload: Workload, pages: int, start: int, end: int) -> np.ndarray
 
 
 def versions_from_ram(memory: GuestMemory) -> np.ndarray:
-    return (memory.words[:, 0] & np.uint64(0xFFFFFFFF)).astype(np.uint64)
+    """Each page's version, read from its first word; holes are version 0."""
+    versions = np.zeros(memory.pages, dtype=np.uint64)
+    for first, end in memory.data_extents():
+        versions[first:end] = memory.words[first:end, 0] & np.uint64(0xFFFFFFFF)
+    return versions
+
+
+def check_pages(words: np.ndarray, first: int) -> tuple[str, int]:
+    """('', sum of versions) for pages first.. that hold what the guest
+    wrote, or what is wrong with the first that does not."""
+    head = words[:, 0]
+    uniform = (words == head[:, None]).all(axis=1)
+    if not uniform.all():
+        return f"page {first + int(np.flatnonzero(~uniform)[0])} is torn (mixed contents)", 0
+    tags = head >> np.uint64(32)
+    pfns = np.arange(first, first + len(head), dtype=np.uint64)
+    wrong = (head != 0) & (tags != pfns)
+    if wrong.any():
+        p = int(np.flatnonzero(wrong)[0])
+        return f"page {first + p} holds page {int(tags[p])}'s contents", 0
+    return "", int((head & np.uint64(0xFFFFFFFF)).sum())
 
 
 class SimGuest:
@@ -149,24 +169,17 @@ class SimGuest:
         return self._writes
 
     def guest_check(self) -> str:
-        """Every page uniform and tagged with its own pfn, versions summing to the writes made."""
+        """Every page uniform and tagged with its own pfn, versions summing to
+        the writes made.  Holes are untouched zero pages: nothing to read."""
         with self.lock:
             total = 0
-            for first in range(0, self.pages, CHECK_CHUNK):
-                words = self.memory.words[first : first + CHECK_CHUNK]
-                head = words[:, 0]
-                uniform = (words == head[:, None]).all(axis=1)
-                if not uniform.all():
-                    return (
-                        f"page {first + int(np.flatnonzero(~uniform)[0])} is torn (mixed contents)"
-                    )
-                tags = head >> np.uint64(32)
-                pfns = np.arange(first, first + len(head), dtype=np.uint64)
-                wrong = (head != 0) & (tags != pfns)
-                if wrong.any():
-                    p = int(np.flatnonzero(wrong)[0])
-                    return f"page {first + p} holds page {int(tags[p])}'s contents"
-                total += int((head & np.uint64(0xFFFFFFFF)).sum())
+            for first_extent, end_extent in self.memory.data_extents():
+                for first in range(first_extent, end_extent, CHECK_CHUNK):
+                    end = min(end_extent, first + CHECK_CHUNK)
+                    problem, versions = check_pages(self.memory.words[first:end], first)
+                    if problem:
+                        return problem
+                    total += versions
             if total != self._writes:
                 return f"page versions sum to {total}, but the guest made {self._writes} writes"
         return "ok"

@@ -62,6 +62,12 @@ class RecordReader:
     def feed(self, data) -> None:
         if self.eof:
             raise LocalProtocolError("data fed after end of file")
+        if self._pos == len(self._buf) and type(data) is bytearray:
+            # Nothing buffered: adopt the caller's bytearray instead of
+            # copying it (a reader that reads whole records hands them over).
+            self._base += self._pos
+            self._buf, self._pos = data, 0
+            return
         if self._pos and self._pos * 2 >= len(self._buf):
             del self._buf[: self._pos]
             self._base += self._pos
@@ -129,9 +135,18 @@ class RecordReader:
         total = RECORD_HEADER.size + length + padding_for(length)
         if self.buffered < total:
             return self._need(total, f"record type {rtype:#x}")
-        self._pos += RECORD_HEADER.size
-        body = self.take(length, "record body")
-        pad = self.take(padding_for(length), "record padding")
+        if self._pos == 0 and len(self._buf) == total:
+            # The buffer holds exactly this record: hand its body out without a
+            # copy and start a new buffer (the old one now belongs to the event).
+            whole = memoryview(self._buf)
+            body, pad = whole[8 : 8 + length], whole[8 + length :]
+            self._base += total
+            self._buf = bytearray()
+            self.wanted = 0
+        else:
+            self._pos += RECORD_HEADER.size
+            body = self.take(length, "record body")
+            pad = self.take(padding_for(length), "record padding")
         if any(pad):
             raise RemoteProtocolError(
                 f"record type {rtype:#x}: padding is not zero", start + 8 + length
