@@ -17,7 +17,7 @@ and the stream simply ends without END, which every reader reports.
 
 from __future__ import annotations
 
-import os
+import bisect
 import signal
 import time
 from dataclasses import dataclass
@@ -65,6 +65,7 @@ class Saver:
         self.pages = self.memory.pages
         self.progress = Progress()
         self.stop_requested = False
+        self._extents: list[tuple[int, int]] | None = None  # data extents of a sweep
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, *_args) -> None:
@@ -90,6 +91,7 @@ class Saver:
         self.writer.writev(libxc.encode_marker(libxc.REC_END))
 
     def write_headers(self) -> None:
+        self.stream_start_ns = time.monotonic_ns()
         self.writer.writev([libxc.encode_image_header(), libxc.encode_domain_header()])
         self.writer.writev(libxc.encode_marker(libxc.REC_STATIC_DATA_END))
 
@@ -199,21 +201,27 @@ class Saver:
 
     def sweep_views(self, first: int, count: int) -> list[memoryview]:
         """Buffers for pages first..first+count-1: data extents from the
-        mapping, holes from ZEROS (found with SEEK_DATA/SEEK_HOLE)."""
-        views, pos, end = [], first * PAGE_SIZE, (first + count) * PAGE_SIZE
-        while pos < end:
-            try:
-                data = min(os.lseek(self.memory.fd, pos, os.SEEK_DATA), end)
-            except OSError:  # ENXIO: nothing but hole up to the end of the file
-                data = end
-            if data > pos:
-                views.append(ZEROS[: data - pos])
-                pos = data
-            if pos < end:
-                hole = min(os.lseek(self.memory.fd, pos, os.SEEK_HOLE), end)
-                self.memory.populate(pos, hole - pos)
-                views.append(self.memory.view[pos:hole])
-                pos = hole
+        mapping, holes from ZEROS.  The extents are read once per sweep: a
+        hole the guest fills later is dirty, so a later pass resends it."""
+        if self._extents is None:
+            self._extents = self.memory.data_extents()
+        views, page, end = [], first, first + count
+        index = bisect.bisect_right(self._extents, (first, float("inf"))) - 1
+        index = max(index, 0)
+        while page < end:
+            while index < len(self._extents) and self._extents[index][1] <= page:
+                index += 1
+            data_start, data_end = (
+                self._extents[index] if index < len(self._extents) else (end, end)
+            )
+            if data_start > page:  # a hole up to the next extent
+                stop = min(data_start, end)
+                views.append(ZEROS[: (stop - page) * PAGE_SIZE])
+            else:
+                stop = min(data_end, end)
+                self.memory.populate(page * PAGE_SIZE, (stop - page) * PAGE_SIZE)
+                views.append(self.memory.page_view(page, stop - page))
+            page = stop
         return views
 
     def ask_policy(self) -> PrecopyDecision:
@@ -228,6 +236,7 @@ class Saver:
             total_bytes=self.writer.written,
             domain_pages=self.pages,
             time_ns=time.monotonic_ns(),
+            stream_start_ns=self.stream_start_ns,
         )
         return self.link.precopy_policy(stats)
 

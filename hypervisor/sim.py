@@ -5,6 +5,7 @@ sequence seeded by (seed, block), so the pages written depend only on the
 write index: a guest restored from (RAM, writes done) continues exactly the
 sequence the source would have.  Page p at version v holds the 64-bit word
 (p << 32) | v in all 512 of its words; version 0 is an untouched zero page.
+The version lives only in the page: a write reads it from there.
 Hence any page can be checked on its own, and the sum of all versions equals
 the number of writes made: a lost page update shows up as a short sum.
 """
@@ -24,6 +25,7 @@ from .memory import GuestMemory
 
 BLOCK = 1024  # writes per seeded block of the sequence
 TICK = 0.002  # seconds between bursts of writes
+IDLE_TICK = 1.0  # an idle guest (rate 0) only wakes to be stopped
 MAX_BURST = 512  # writes per burst at most: bounds how long a clean or pause waits
 CHECK_CHUNK = 16384  # pages verified at a time by guest_check
 
@@ -43,14 +45,6 @@ def sequence(workload: Workload, pages: int, start: int, end: int) -> np.ndarray
     blocks = [sequence_block(workload, pages, b) for b in range(first, last + 1)]
     seq = np.concatenate(blocks) if blocks else np.empty(0, np.int64)
     return seq[start - first * BLOCK : end - first * BLOCK]
-
-
-def versions_from_ram(memory: GuestMemory) -> np.ndarray:
-    """Each page's version, read from its first word; holes are version 0."""
-    versions = np.zeros(memory.pages, dtype=np.uint64)
-    for first, end in memory.data_extents():
-        versions[first:end] = memory.words[first:end, 0] & np.uint64(0xFFFFFFFF)
-    return versions
 
 
 def check_pages(words: np.ndarray, first: int) -> tuple[str, int]:
@@ -78,46 +72,50 @@ class SimGuest:
         self.lock = lock
         self.pages = memory.pages
         self._writes = 0
-        self._versions = np.zeros(self.pages, dtype=np.uint64)
         self._dirty = np.zeros(self.pages, dtype=bool)
         self._logdirty = False
         self._thread: threading.Thread | None = None
-        self._running = threading.Event()
+        self._running = threading.Event()  # set while the guest may write
+        self._stopping = threading.Event()  # wakes the pacing loop at once
         self._block_index = -1
         self._block = None
         self.shadow: list | None = None  # tests: every burst of pages, in order
 
     # -- running ----------------------------------------------------------
     def start(self, incoming: bool) -> None:
-        if incoming:
-            self._versions = versions_from_ram(self.memory)
+        # Nothing to load for a restored guest: a page's version is read from
+        # the page itself when the guest next writes it.
+        self._stopping.clear()
         self._running.set()
         self._thread = threading.Thread(target=self._run, name="sim-guest", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._running.clear()
+        self._stopping.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
 
     def _run(self) -> None:
         start_time, start_writes = time.monotonic(), self._writes
-        while self._running.is_set():
+        idle = self.workload.dirty_rate <= 0
+        while not self._stopping.wait(IDLE_TICK if idle else TICK):
             due = int(self.workload.dirty_rate * (time.monotonic() - start_time))
             burst = min(due - (self._writes - start_writes), MAX_BURST)
             if burst > 0:
                 self._write(burst)
-            time.sleep(TICK)
 
     def _write(self, count: int) -> None:
         pages = sequence(self.workload, self.pages, self._writes, self._writes + count)
+        unique, counts = np.unique(pages, return_counts=True)
         with self.lock:
             if not self._running.is_set():
                 return
-            np.add.at(self._versions, pages, 1)
-            unique = np.unique(pages)
-            words = (unique.astype(np.uint64) << np.uint64(32)) | self._versions[unique]
+            versions = (self.memory.words[unique, 0] & np.uint64(0xFFFFFFFF)) + counts.astype(
+                np.uint64
+            )
+            words = (unique.astype(np.uint64) << np.uint64(32)) | versions
             self.memory.words[unique] = words[:, None]
             if self._logdirty:
                 self._dirty[unique] = True

@@ -67,14 +67,15 @@ class PrecopyStats:
     total_bytes: int  # stream octets written so far
     domain_pages: int  # pages of guest RAM
     time_ns: int  # CLOCK_MONOTONIC when the batch was written
+    stream_start_ns: int  # CLOCK_MONOTONIC when the helper began writing the stream
 
 
 def _enc_PrecopyStats(value):
-    return [value.iteration, value.total_written, value.dirty_count, value.iter_written, value.iter_remaining, value.iter_bytes, value.total_bytes, value.domain_pages, value.time_ns]
+    return [value.iteration, value.total_written, value.dirty_count, value.iter_written, value.iter_remaining, value.iter_bytes, value.total_bytes, value.domain_pages, value.time_ns, value.stream_start_ns]
 
 
 def _dec_PrecopyStats(value, where):
-    check_list(value, where, 9)
+    check_list(value, where, 10)
     return PrecopyStats(
         check_int(value[0], where + ".iteration", 0, 4294967295),
         check_int(value[1], where + ".total_written", 0, 18446744073709551615),
@@ -85,6 +86,7 @@ def _dec_PrecopyStats(value, where):
         check_int(value[6], where + ".total_bytes", 0, 18446744073709551615),
         check_int(value[7], where + ".domain_pages", 0, 18446744073709551615),
         check_int(value[8], where + ".time_ns", 0, 18446744073709551615),
+        check_int(value[9], where + ".stream_start_ns", 0, 18446744073709551615),
     )
 
 

@@ -95,6 +95,7 @@ class HelperCallbacks(ToolstackHandlers):
 
     async def on_complete(self, retval, errnoval, message) -> None:
         self.completed = (retval, errnoval, message)
+        self.stats.stream_end_ns = time.monotonic_ns()
 
     async def on_precopy_policy(self, stats) -> PrecopyDecision:
         decision = self.policy.decide(stats) if self.policy else PrecopyDecision.STOP_AND_COPY

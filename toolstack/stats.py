@@ -49,12 +49,15 @@ class JobStats:
     policy_latencies_us: list[float] = field(default_factory=list)
     decision: str = ""  # the last non-continue decision and why
     source_digest: str = ""  # RAM digest of the suspended source, when asked for
+    stream_start_ns: int | None = None  # the helper's first write
+    stream_end_ns: int | None = None  # the helper's `complete`
     error: str = ""
 
     # -- updates ----------------------------------------------------------
     def record_batch(self, stats) -> None:
         """From a precopy_policy call: the helper's counters after a batch."""
         self.estimate.update(stats)
+        self.stream_start_ns = stats.stream_start_ns
         while len(self.iterations) <= stats.iteration:
             self.iterations.append(Iteration())
         it = self.iterations[stats.iteration]
@@ -97,6 +100,13 @@ class JobStats:
         return (end - self.started_ns) / 1e6
 
     @property
+    def stream_ms(self) -> float | None:
+        """How long the helper took to write the whole stream."""
+        if self.stream_start_ns is None or self.stream_end_ns is None:
+            return None
+        return (self.stream_end_ns - self.stream_start_ns) / 1e6
+
+    @property
     def downtime_ms(self) -> float | None:
         if self.suspended_ns is None or self.resumed_ns is None:
             return None
@@ -121,6 +131,7 @@ class JobStats:
             "bandwidth_mb_s": _round(e.bandwidth and e.bandwidth / 1e6),
             "expected_downtime_ms": _round(e.expected_downtime_ms),
             "downtime_ms": _round(self.downtime_ms),
+            "stream_ms": _round(self.stream_ms),
             "iterations": [vars(it) for it in self.iterations],
             "policy_rpcs": len(self.policy_latencies_us),
             "policy_rpc_p50_us": _round(percentile(self.policy_latencies_us, 0.5)),
