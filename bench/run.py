@@ -105,6 +105,17 @@ def migrate(hosts: Hosts, name: str, memory: int, rate: float, fill: bool, setti
         )["report"]
 
 
+def spawn_peer(mode: str, *args) -> tuple[socket.socket, subprocess.Popen]:
+    """bench/rpc_peer.py in its own process, on one end of a socketpair."""
+    ours, theirs = socket.socketpair()
+    cmd = [sys.executable, os.path.join(HERE, "rpc_peer.py"), mode, str(theirs.fileno())]
+    peer = subprocess.Popen(
+        [*cmd, *map(str, args)], pass_fds=[theirs.fileno()], stdout=subprocess.PIPE
+    )
+    theirs.close()
+    return ours, peer
+
+
 def rpc_round_trips(count: int) -> dict:
     """precopy_policy round trips, helper side in its own process (bench/rpc_peer.py)."""
     import trio
@@ -136,19 +147,7 @@ def rpc_round_trips(count: int) -> dict:
             if type(event.message) is msgs.Complete:
                 return
 
-    ours, theirs = socket.socketpair()
-    peer = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(HERE, "rpc_peer.py"),
-            "rpc",
-            str(theirs.fileno()),
-            str(count),
-        ],
-        pass_fds=[theirs.fileno()],
-        stdout=subprocess.PIPE,
-    )
-    theirs.close()
+    ours, peer = spawn_peer("rpc", count)
     trio.run(serve, ours)
     out = json.loads(peer.communicate()[0])
     ours.close()
@@ -156,20 +155,7 @@ def rpc_round_trips(count: int) -> dict:
 
 
 def raw_ping_pong(count: int, size: int) -> dict:
-    ours, theirs = socket.socketpair()
-    peer = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(HERE, "rpc_peer.py"),
-            "raw",
-            str(theirs.fileno()),
-            str(count),
-            str(size),
-        ],
-        pass_fds=[theirs.fileno()],
-        stdout=subprocess.PIPE,
-    )
-    theirs.close()
+    ours, peer = spawn_peer("raw", count, size)
     for _ in range(count):
         data = ours.recv(size, socket.MSG_WAITALL)
         ours.sendall(data[:8])

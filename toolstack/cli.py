@@ -6,13 +6,14 @@ import argparse
 import sys
 
 from . import cli_commands
+from .demo import Demo
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="live-migration toolstack")
     parser.add_argument("--connect", metavar="SOCK", help="ferryd control socket")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in cli_commands.COMMANDS:
+    for command in [*cli_commands.COMMANDS, Demo]:
         command.add_parser(sub)
     return parser
 

@@ -18,6 +18,27 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
+class Command:
+    """A subcommand: its name, a line of help, its arguments and what it does."""
+
+    name = ""
+    help = ""
+
+    @classmethod
+    def add_parser(cls, sub) -> None:
+        p = sub.add_parser(cls.name, help=cls.help)
+        cls.configure(p)
+        p.set_defaults(run=cls.run)
+
+    @staticmethod
+    def configure(p) -> None:
+        pass
+
+    @staticmethod
+    def run(args) -> int:
+        raise NotImplementedError
+
+
 def client(args) -> DaemonClient:
     try:
         return DaemonClient(args.connect)
@@ -33,16 +54,23 @@ def request(args, op: str, on_progress=None, **fields) -> dict:
             raise CliError(str(exc)) from None
 
 
+def memory_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def emit_json(value) -> None:
     print(json.dumps(value, indent=None, sort_keys=True))
 
 
-class Create:
+class Create(Command):
     name = "create"
+    help = "create and start a domain"
 
-    @classmethod
-    def add_parser(cls, sub) -> None:
-        p = sub.add_parser(cls.name, help="create and start a domain")
+    @staticmethod
+    def configure(p) -> None:
         p.add_argument("domain")
         p.add_argument("--memory", required=True, help="e.g. 512M, 1GiB")
         p.add_argument("--backend", choices=["sim", "kvm"], default="sim")
@@ -52,14 +80,10 @@ class Create:
         p.add_argument("--seed", type=int, default=1)
         p.add_argument("--paused", action="store_true")
         p.add_argument("--json", action="store_true")
-        p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args) -> int:
-        try:
-            memory = parse_size(args.memory)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
+        memory = memory_size(args.memory)
         config = {
             "name": args.domain,
             "memory_bytes": memory,
@@ -77,14 +101,13 @@ class Create:
         return 0
 
 
-class List:
+class List(Command):
     name = "list"
+    help = "list this host's domains"
 
-    @classmethod
-    def add_parser(cls, sub) -> None:
-        p = sub.add_parser(cls.name, help="list this host's domains")
+    @staticmethod
+    def configure(p) -> None:
         p.add_argument("--json", action="store_true")
-        p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args) -> int:
@@ -104,14 +127,13 @@ class List:
 def simple_command(command: str, summary: str, result_key: str | None = None):
     """pause, unpause, destroy, digest, guest-check: NAME in, a line out."""
 
-    class Simple:
+    class Simple(Command):
         name = command
+        help = summary
 
-        @classmethod
-        def add_parser(cls, sub) -> None:
-            p = sub.add_parser(cls.name, help=summary)
+        @staticmethod
+        def configure(p) -> None:
             p.add_argument("domain")
-            p.set_defaults(run=cls.run)
 
         @staticmethod
         def run(args) -> int:
@@ -123,21 +145,18 @@ def simple_command(command: str, summary: str, result_key: str | None = None):
     return Simple
 
 
-class Save:
+class Save(Command):
     name = "save"
+    help = "save a domain to a file (it is gone afterwards unless --keep)"
 
-    @classmethod
-    def add_parser(cls, sub) -> None:
-        p = sub.add_parser(
-            cls.name, help="save a domain to a file (it is gone afterwards unless --keep)"
-        )
+    @staticmethod
+    def configure(p) -> None:
         p.add_argument("domain")
         p.add_argument("file")
         p.add_argument("--live", action="store_true", help="precopy while the guest runs")
         p.add_argument("--keep", action="store_true", help="leave the domain running")
         p.add_argument("--policy", default="xen", choices=["xen", "converge"])
         p.add_argument("--json", action="store_true")
-        p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args) -> int:
@@ -157,17 +176,16 @@ class Save:
         return 0
 
 
-class Restore:
+class Restore(Command):
     name = "restore"
+    help = "restore a domain from a save file"
 
-    @classmethod
-    def add_parser(cls, sub) -> None:
-        p = sub.add_parser(cls.name, help="restore a domain from a save file")
+    @staticmethod
+    def configure(p) -> None:
         p.add_argument("file")
         p.add_argument("--name", help="restore under another name")
         p.add_argument("--paused", action="store_true")
         p.add_argument("--json", action="store_true")
-        p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args) -> int:
@@ -186,12 +204,12 @@ class Restore:
         return 0
 
 
-class Migrate:
+class Migrate(Command):
     name = "migrate"
+    help = "live-migrate a domain to another ferryd"
 
-    @classmethod
-    def add_parser(cls, sub) -> None:
-        p = sub.add_parser(cls.name, help="live-migrate a domain to another ferryd")
+    @staticmethod
+    def configure(p) -> None:
         p.add_argument("domain")
         p.add_argument("address", metavar="HOST:PORT")
         p.add_argument("--policy", default="converge", choices=["xen", "converge"])
@@ -203,7 +221,6 @@ class Migrate:
             "--verify", action="store_true", help="compare RAM digests before the switch"
         )
         p.add_argument("--json", action="store_true")
-        p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args) -> int:
@@ -235,15 +252,14 @@ class Migrate:
         return 0
 
 
-class JobInfo:
+class JobInfo(Command):
     name = "job"
+    help = "show a domain's current or last job (like domjobinfo)"
 
-    @classmethod
-    def add_parser(cls, sub) -> None:
-        p = sub.add_parser(cls.name, help="show a domain's current or last job (like domjobinfo)")
+    @staticmethod
+    def configure(p) -> None:
         p.add_argument("domain")
         p.add_argument("--json", action="store_true")
-        p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args) -> int:
@@ -262,18 +278,15 @@ class JobInfo:
         return 0
 
 
-class JobControl:
+class JobControl(Command):
     name = "job-control"
+    help = "steer a running job: abort, stop-and-copy, set KEY=VALUE"
 
-    @classmethod
-    def add_parser(cls, sub) -> None:
-        p = sub.add_parser(
-            cls.name, help="steer a running job: abort, stop-and-copy, set KEY=VALUE"
-        )
+    @staticmethod
+    def configure(p) -> None:
         p.add_argument("domain")
         p.add_argument("action", choices=["abort", "stop-and-copy", "set"])
         p.add_argument("setting", nargs="?", metavar="KEY=VALUE")
-        p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args) -> int:
@@ -287,17 +300,16 @@ class JobControl:
         return 0
 
 
-class VerifyStream:
+class VerifyStream(Command):
     name = "verify-stream"
+    help = "check a save file or migration stream"
 
-    @classmethod
-    def add_parser(cls, sub) -> None:
-        p = sub.add_parser(cls.name, help="check a save file or migration stream")
+    @staticmethod
+    def configure(p) -> None:
         p.add_argument("file")
         p.add_argument("--format", choices=FORMATS, help="default: detect from the header")
         p.add_argument("-v", "--verbose", action="store_true", help="show every record type")
         p.add_argument("--json", action="store_true")
-        p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args) -> int:
@@ -343,12 +355,6 @@ class VerifyStream:
         return 0
 
 
-def demo_command():
-    from .demo import Demo
-
-    return Demo
-
-
 COMMANDS = [
     Create,
     List,
@@ -363,5 +369,4 @@ COMMANDS = [
     JobInfo,
     JobControl,
     VerifyStream,
-    demo_command(),
 ]

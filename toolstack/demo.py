@@ -18,8 +18,7 @@ import sys
 import tempfile
 import time
 
-from hypervisor.sizes import parse_size
-
+from .cli_commands import CliError, Command, memory_size
 from .client import DaemonClient, DaemonError
 from .report import progress_line
 
@@ -36,12 +35,12 @@ def kvm_usable() -> bool:
     return usable()
 
 
-class Demo:
+class Demo(Command):
     name = "demo"
+    help = "live-migrate a busy domain between two local daemons"
 
-    @classmethod
-    def add_parser(cls, sub) -> None:
-        p = sub.add_parser(cls.name, help="live-migrate a busy domain between two local daemons")
+    @staticmethod
+    def configure(p) -> None:
         p.add_argument("--backend", choices=["sim", "kvm", "auto"], default="auto")
         p.add_argument("--memory", default="1GiB")
         p.add_argument("--dirty-rate", type=float, default=20_000, metavar="PAGES_PER_S")
@@ -49,16 +48,10 @@ class Demo:
         p.add_argument("--policy", default="converge", choices=["xen", "converge"])
         p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")
         p.add_argument("--json", action="store_true")
-        p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args) -> int:
-        from .cli_commands import CliError
-
-        try:
-            memory = parse_size(args.memory)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
+        memory = memory_size(args.memory)
         backend = args.backend
         if backend == "auto":
             backend = "kvm" if kvm_usable() else "sim"
