@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tracemalloc
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -99,3 +100,55 @@ def test_mutated_rpc_frames(data):
     conn = RpcConnection(hm.TABLE, sends=None, receives=hm.DIRECTION)
     conn.receive_data(data.draw(mutated(frame)))
     drain(conn)
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_random_bytes_into_control_frames(data):
+    from protocol.control import HEADER_SIZE, body_length, decode_body
+
+    try:
+        if len(data) >= HEADER_SIZE:
+            body_length(data[:HEADER_SIZE])
+        decode_body(data)
+    except RemoteProtocolError:
+        pass
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
+    ),
+    max_leaves=20,
+)
+
+
+@FUZZ
+@given(JSON_VALUES, st.binary(max_size=64))
+def test_hostile_domain_configs_get_one_clear_error(value, raw):
+    import json
+
+    from toolstack.domains import DomainConfig, ToolstackError
+
+    for text in (json.dumps(value), raw):
+        try:
+            DomainConfig.from_json(text)
+        except ToolstackError as exc:
+            assert str(exc).startswith("bad domain config")
+
+
+def test_valid_config_fields_are_checked():
+    from toolstack.domains import DomainConfig, ToolstackError
+
+    ok = DomainConfig.from_json('{"name": "vm", "memory_bytes": 4096}')
+    assert ok.backend == "sim"
+    for bad in (
+        '{"name": "../etc", "memory_bytes": 4096}',
+        '{"name": "vm", "memory_bytes": 4097}',
+        '{"name": "vm", "memory_bytes": 4096, "backend": "xen"}',
+        '{"name": "vm", "memory_bytes": 4096, "surprise": 1}',
+        '{"name": "vm", "memory_bytes": 4096, "working_set": 2}',
+    ):
+        with pytest.raises(ToolstackError, match="bad domain config"):
+            DomainConfig.from_json(bad)

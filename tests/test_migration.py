@@ -276,3 +276,75 @@ def test_daemon_stop_mid_migration_resumes_the_source(cluster, signum):
     a.start()
     assert_running_and_writing(a, "vm1")
     assert b.request("list")["domains"] == []
+
+
+def test_garbage_and_hostile_requests_on_the_migration_port(cluster):
+    import socket as sk
+
+    from protocol import auth
+    from protocol.control import HEADER_SIZE, body_length, decode_body, encode_frame
+
+    b = cluster.daemon("b")
+    # no key: random bytes, then a short read, then silence: refused, nothing created
+    for junk in (os.urandom(200), auth.HELLO + bytes(10), b""):
+        with sk.create_connection(("127.0.0.1", b.port), timeout=15) as s:
+            s.sendall(junk)
+            s.shutdown(sk.SHUT_WR)
+            try:  # the daemon may answer a nonce, but it ends the line
+                while s.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+    # with the key, but a hostile request: one clear error
+    key = open(cluster.key, "rb").read().strip()
+    with sk.create_connection(("127.0.0.1", b.port), timeout=15) as s:
+        nonce = auth.new_nonce()
+        s.sendall(auth.HELLO + nonce)
+        answer = s.recv(64, sk.MSG_WAITALL)
+        assert auth.verify(key, b"server", nonce, answer[:32], answer[32:])
+        s.sendall(auth.proof(key, b"client", nonce, answer[:32]))
+        assert s.recv(len(auth.ACCEPT), sk.MSG_WAITALL) == auth.ACCEPT
+        config = json.dumps({"name": "vm1", "memory_bytes": -1}).encode()
+        s.sendall(encode_frame({"op": "migrate", "config": config, "verify": False}))
+        reply = decode_body(
+            s.recv(body_length(s.recv(HEADER_SIZE, sk.MSG_WAITALL)), sk.MSG_WAITALL)
+        )
+        assert reply["ok"] is False and "bad domain config" in reply["error"]
+    assert b.request("list")["domains"] == []
+    assert os.listdir(os.path.join(b.state, "domains")) == []
+    assert b.request("ping")["listen_port"] == b.port
+
+
+def test_migrate_progress_line_on_a_terminal(cluster):
+    import pty
+
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    create(a, "vm1", memory=128 * MiB, rate=20_000)
+    cmd = [
+        sys.executable,
+        "-m",
+        "toolstack",
+        "--connect",
+        a.socket,
+        "migrate",
+        "vm1",
+        f"127.0.0.1:{b.port}",
+    ]
+    main, child = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=child, stderr=child, stdin=subprocess.DEVNULL)
+    os.close(child)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert proc.wait(60) == 0
+    text = output.decode()
+    assert "iteration" in text and "MB/s" in text and "\r" in text  # the live line
+    for field_name in ("Phase:", "Downtime:", "Policy RPCs:", "Iterations:"):
+        assert field_name in text
