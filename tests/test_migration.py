@@ -348,3 +348,36 @@ def test_migrate_progress_line_on_a_terminal(cluster):
     assert "iteration" in text and "MB/s" in text and "\r" in text  # the live line
     for field_name in ("Phase:", "Downtime:", "Policy RPCs:", "Iterations:"):
         assert field_name in text
+
+
+def test_a_destination_that_sends_nonsense_fails_the_migration_cleanly(cluster):
+    """A fake destination that authenticates, then answers garbage."""
+    import socket as sk
+
+    from protocol import auth
+    from protocol.control import HEADER_SIZE, body_length
+
+    a = cluster.daemon("a")
+    create(a, "vm1")
+    key = open(cluster.key, "rb").read().strip()
+    listener = sk.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def fake_destination():
+        conn, _ = listener.accept()
+        with conn:
+            hello = conn.recv(len(auth.HELLO) + 32, sk.MSG_WAITALL)
+            nonce = auth.new_nonce()
+            conn.sendall(nonce + auth.proof(key, b"server", hello[len(auth.HELLO) :], nonce))
+            conn.recv(32, sk.MSG_WAITALL)
+            conn.sendall(auth.ACCEPT)
+            conn.recv(body_length(conn.recv(HEADER_SIZE, sk.MSG_WAITALL)), sk.MSG_WAITALL)
+            conn.sendall(b"\x00\x00\x00\x03\x93\x01\x02")  # a msgpack list, not a map
+
+    thread = threading.Thread(target=fake_destination)
+    thread.start()
+    r = ferry(a, "migrate", "vm1", f"127.0.0.1:{port}", check=False)
+    thread.join(30)
+    listener.close()
+    assert r.returncode == 1 and "destination sent nonsense" in r.stderr
+    assert_running_and_writing(a, "vm1")

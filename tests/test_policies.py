@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protocol._gen_helper_msgs import PrecopyDecision, PrecopyStats
+from toolstack.estimate import Estimator
 from toolstack.policies import ConvergePolicy, XenPolicy, make_policy
 
 MS = 1_000_000
@@ -13,6 +14,19 @@ CONTINUE, STOP, ABORT = (
     PrecopyDecision.STOP_AND_COPY,
     PrecopyDecision.ABORT,
 )
+
+
+class Steered:
+    """What the toolstack does per batch: update the job's estimator, then
+    ask the policy."""
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+        self.estimate = Estimator()
+
+    def ask(self, batch):
+        self.estimate.update(batch)
+        return self.policy.decide(batch, self.estimate)
 
 
 def stats(iteration=0, dirty=-1, written=1024, remaining=0, total_bytes=0, t_ms=0, total=None):
@@ -31,20 +45,20 @@ def stats(iteration=0, dirty=-1, written=1024, remaining=0, total_bytes=0, t_ms=
 
 
 def test_xen_continues_through_iteration_0_with_unknown_dirty_count():
-    p = XenPolicy()
+    p = Steered(XenPolicy())
     for batch in range(10):
-        assert p.decide(stats(0, -1, written=1024 * batch, remaining=5000)) == CONTINUE
+        assert p.ask(stats(0, -1, written=1024 * batch, remaining=5000)) == CONTINUE
 
 
 def test_xen_stops_below_50_dirty_pages_or_after_5_iterations():
-    p = XenPolicy()
-    assert p.decide(stats(1, dirty=50)) == CONTINUE
-    assert p.decide(stats(1, dirty=49)) == STOP and "fewer than 50" in p.reason
-    assert p.decide(stats(4, dirty=10_000)) == CONTINUE
-    assert p.decide(stats(5, dirty=10_000)) == STOP and "5 iterations" in p.reason
-    tuned = make_policy("xen", max_dirty=10, max_iterations=2)
-    assert tuned.decide(stats(1, dirty=20)) == CONTINUE
-    assert tuned.decide(stats(2, dirty=20)) == STOP
+    p = Steered(XenPolicy())
+    assert p.ask(stats(1, dirty=50)) == CONTINUE
+    assert p.ask(stats(1, dirty=49)) == STOP and "fewer than 50" in p.policy.reason
+    assert p.ask(stats(4, dirty=10_000)) == CONTINUE
+    assert p.ask(stats(5, dirty=10_000)) == STOP and "5 iterations" in p.policy.reason
+    tuned = Steered(make_policy("xen", max_dirty=10, max_iterations=2))
+    assert tuned.ask(stats(1, dirty=20)) == CONTINUE
+    assert tuned.ask(stats(2, dirty=20)) == STOP
 
 
 def feed_bandwidth(p, mb_per_s: float, iteration=1, dirty=1000, remaining=1000, ms=300):
@@ -52,83 +66,83 @@ def feed_bandwidth(p, mb_per_s: float, iteration=1, dirty=1000, remaining=1000, 
     answer = None
     for step in range(ms // 10 + 1):
         t = step * 10
-        answer = p.decide(
+        answer = p.ask(
             stats(
                 iteration,
                 dirty,
                 remaining=remaining,
                 total_bytes=int(mb_per_s * 1e6 * t / 1000),
                 t_ms=t,
-            )
+            ),
         )
     return answer
 
 
 def test_converge_never_decides_on_iteration_0_nor_without_a_100ms_window():
-    p = ConvergePolicy(downtime_limit=300)
-    assert p.decide(stats(0, -1, remaining=10, total_bytes=1_000, t_ms=0)) == CONTINUE
-    assert p.decide(stats(0, -1, remaining=0, total_bytes=10**9, t_ms=500)) == CONTINUE
-    q = ConvergePolicy(downtime_limit=300)
+    p = Steered(ConvergePolicy(downtime_limit=300))
+    assert p.ask(stats(0, -1, remaining=10, total_bytes=1_000, t_ms=0)) == CONTINUE
+    assert p.ask(stats(0, -1, remaining=0, total_bytes=10**9, t_ms=500)) == CONTINUE
+    q = Steered(ConvergePolicy(downtime_limit=300))
     # iteration 1 but only 50 ms of samples: bandwidth unknown, keep copying
-    assert q.decide(stats(1, 10, remaining=10, total_bytes=0, t_ms=0)) == CONTINUE
-    assert q.decide(stats(1, 10, remaining=10, total_bytes=10**8, t_ms=50)) == CONTINUE
+    assert q.ask(stats(1, 10, remaining=10, total_bytes=0, t_ms=0)) == CONTINUE
+    assert q.ask(stats(1, 10, remaining=10, total_bytes=10**8, t_ms=50)) == CONTINUE
     assert q.estimate.bandwidth is None
 
 
 def test_converge_switches_when_expected_downtime_fits_the_limit():
     # 100 MB/s; 1000 pages left = 4.1 MB = ~41 ms
-    p = ConvergePolicy(downtime_limit=300)
+    p = Steered(ConvergePolicy(downtime_limit=300))
     assert feed_bandwidth(p, 100, remaining=1000) == STOP
     assert p.estimate.bandwidth == pytest.approx(100e6, rel=0.05)
-    assert "within 300 ms" in p.reason
+    assert "within 300 ms" in p.policy.reason
     # same bandwidth, 100,000 pages left = ~4 s: keep copying
-    q = ConvergePolicy(downtime_limit=300)
+    q = Steered(ConvergePolicy(downtime_limit=300))
     assert feed_bandwidth(q, 100, remaining=100_000) == CONTINUE
     assert q.estimate.expected_downtime_ms == pytest.approx(4096, rel=0.05)
 
 
 def test_converge_counts_pages_redirtied_since_the_iteration_began():
-    p = ConvergePolicy(downtime_limit=300)
+    p = Steered(ConvergePolicy(downtime_limit=300))
     # iteration 1 lasted 1 s and its end found 50,000 dirty pages: 50k pages/s
-    p.decide(stats(1, 20_000, remaining=20_000, total_bytes=0, t_ms=0))
-    p.decide(stats(1, 20_000, remaining=0, total_bytes=400_000_000, t_ms=1000))
-    p.decide(stats(2, 50_000, remaining=50_000, total_bytes=400_000_000, t_ms=1000))
+    p.ask(stats(1, 20_000, remaining=20_000, total_bytes=0, t_ms=0))
+    p.ask(stats(1, 20_000, remaining=0, total_bytes=400_000_000, t_ms=1000))
+    p.ask(stats(2, 50_000, remaining=50_000, total_bytes=400_000_000, t_ms=1000))
     assert p.estimate.dirty_rate == pytest.approx(50_000)
     # 0 pages left in the iteration, but 100 ms passed: ~5000 re-dirtied pages
-    p.decide(stats(2, 50_000, remaining=0, total_bytes=440_000_000, t_ms=1100))
+    p.ask(stats(2, 50_000, remaining=0, total_bytes=440_000_000, t_ms=1100))
     assert p.estimate.expected_downtime_ms == pytest.approx(5000 * 4096 / 400e6 * 1000, rel=0.1)
 
 
 def test_converge_fallbacks_after_max_iterations_or_timeout():
-    p = ConvergePolicy(downtime_limit=1, max_iterations=3)
+    p = Steered(ConvergePolicy(downtime_limit=1, max_iterations=3))
     assert feed_bandwidth(p, 10, iteration=2, remaining=100_000) == CONTINUE
-    assert p.decide(stats(3, 100_000, remaining=100_000, total_bytes=4_000_000, t_ms=400)) == STOP
-    assert "3 iterations" in p.reason and "stop-and-copy" in p.reason
-    q = ConvergePolicy(downtime_limit=1, precopy_timeout=0.2, fallback="abort")
-    assert q.decide(stats(1, 10**5, remaining=10**5, t_ms=0)) == CONTINUE
-    assert q.decide(stats(1, 10**5, remaining=10**5, t_ms=250)) == ABORT
-    assert "timeout" in q.reason
+    assert p.ask(stats(3, 100_000, remaining=100_000, total_bytes=4_000_000, t_ms=400)) == STOP
+    assert "3 iterations" in p.policy.reason and "stop-and-copy" in p.policy.reason
+    q = Steered(ConvergePolicy(downtime_limit=1, precopy_timeout=0.2, fallback="abort"))
+    assert q.ask(stats(1, 10**5, remaining=10**5, t_ms=0)) == CONTINUE
+    assert q.ask(stats(1, 10**5, remaining=10**5, t_ms=250)) == ABORT
+    assert "timeout" in q.policy.reason
 
 
 def test_converge_downtime_limit_0_leaves_only_the_fallbacks():
-    p = ConvergePolicy(downtime_limit=0, max_iterations=1000)
+    p = Steered(ConvergePolicy(downtime_limit=0, max_iterations=1000))
     assert feed_bandwidth(p, 100, remaining=0, dirty=0) == CONTINUE
     assert p.estimate.expected_downtime_ms == 0
 
 
 def test_operator_requests_and_live_settings():
-    p = ConvergePolicy()
-    p.request(ABORT)
-    assert p.decide(stats(0)) == ABORT and "operator" in p.reason
-    q = ConvergePolicy(downtime_limit=10)
+    p = Steered(ConvergePolicy())
+    p.policy.request(ABORT)
+    assert p.ask(stats(0)) == ABORT and "operator" in p.policy.reason
+    q = Steered(ConvergePolicy(downtime_limit=10))
     assert feed_bandwidth(q, 100, remaining=1000) == CONTINUE  # ~41 ms > 10 ms
-    q.set("downtime_limit", "50")
-    assert q.decide(stats(1, 1000, remaining=1000, total_bytes=30_000_000, t_ms=310)) == STOP
+    q.policy.set("downtime_limit", "50")
+    assert q.ask(stats(1, 1000, remaining=1000, total_bytes=30_000_000, t_ms=310)) == STOP
     with pytest.raises(ValueError, match="no setting 'speed'"):
-        q.set("speed", "1")
+        q.policy.set("speed", "1")
     with pytest.raises(ValueError, match="not a float"):
-        q.set("downtime_limit", "fast")
+        q.policy.set("downtime_limit", "fast")
     with pytest.raises(ValueError, match="fallback is"):
-        q.set("fallback", "postcopy")
+        q.policy.set("fallback", "postcopy")
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("qemu")

@@ -114,7 +114,7 @@ class AbortAt(Policy):
         super().__init__()
         self.iteration, self.action = iteration, action
 
-    def rule(self, stats):
+    def rule(self, stats, estimate):
         if stats.iteration >= self.iteration:
             if self.action:
                 self.action()

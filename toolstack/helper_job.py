@@ -98,13 +98,15 @@ class HelperCallbacks(ToolstackHandlers):
         self.stats.stream_end_ns = time.monotonic_ns()
 
     async def on_precopy_policy(self, stats) -> PrecopyDecision:
-        decision = self.policy.decide(stats) if self.policy else PrecopyDecision.STOP_AND_COPY
-        if decision == PrecopyDecision.POSTCOPY:
-            # not implemented yet: never answer it (the helper would refuse)
-            decision = PrecopyDecision.STOP_AND_COPY
         s = self.stats
         s.record_batch(stats)
         s.phase = "precopy"
+        decision = PrecopyDecision.STOP_AND_COPY
+        if self.policy:
+            decision = self.policy.decide(stats, s.estimate)
+        if decision == PrecopyDecision.POSTCOPY:
+            # not implemented yet: never answer it (the helper would refuse)
+            decision = PrecopyDecision.STOP_AND_COPY
         if self.policy:
             if decision != PrecopyDecision.CONTINUE_PRECOPY:
                 s.decision = f"{decision.name.lower()}: {self.policy.reason}"

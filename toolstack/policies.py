@@ -37,13 +37,14 @@ class Policy:
         self.requested: PrecopyDecision | None = None
         self.reason = ""  # why the last non-CONTINUE answer was given
 
-    def decide(self, stats: PrecopyStats) -> PrecopyDecision:
+    def decide(self, stats: PrecopyStats, estimate: Estimator) -> PrecopyDecision:
+        """The answer to one batch; `estimate` has already seen `stats`."""
         if self.requested is not None:
             self.reason = f"operator requested {self.requested.name.lower().replace('_', '-')}"
             return self.requested
-        return self.rule(stats)
+        return self.rule(stats, estimate)
 
-    def rule(self, stats: PrecopyStats) -> PrecopyDecision:
+    def rule(self, stats: PrecopyStats, estimate: Estimator) -> PrecopyDecision:
         raise NotImplementedError
 
     def request(self, decision: PrecopyDecision) -> None:
@@ -80,7 +81,7 @@ class XenPolicy(Policy):
         self.max_dirty = max_dirty
         self.max_iterations = max_iterations
 
-    def rule(self, stats: PrecopyStats) -> PrecopyDecision:
+    def rule(self, stats: PrecopyStats, estimate: Estimator) -> PrecopyDecision:
         if 0 <= stats.dirty_count < self.max_dirty:
             self.reason = f"{stats.dirty_count} dirty pages, fewer than {self.max_dirty}"
             return STOP
@@ -113,11 +114,9 @@ class ConvergePolicy(Policy):
         if fallback not in FALLBACKS:
             raise ValueError("fallback is stop-and-copy or abort")
         self.fallback = fallback
-        self.estimate = Estimator()
 
-    def rule(self, stats: PrecopyStats) -> PrecopyDecision:
-        self.estimate.update(stats)
-        expected = self.estimate.expected_downtime_ms
+    def rule(self, stats: PrecopyStats, estimate: Estimator) -> PrecopyDecision:
+        expected = estimate.expected_downtime_ms
         if self.downtime_limit and expected is not None and expected <= self.downtime_limit:
             self.reason = (
                 f"expected downtime {expected:.0f} ms is within {self.downtime_limit:g} ms"
@@ -125,7 +124,7 @@ class ConvergePolicy(Policy):
             return STOP
         if stats.iteration >= self.max_iterations:
             return self._give_up(f"{self.max_iterations} iterations without converging")
-        if self.precopy_timeout and self.estimate.elapsed_s(stats) >= self.precopy_timeout:
+        if self.precopy_timeout and estimate.elapsed_s(stats) >= self.precopy_timeout:
             return self._give_up(f"precopy timeout of {self.precopy_timeout:g} s reached")
         return CONTINUE
 

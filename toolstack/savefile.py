@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 
+from helper.fdio import FdReader
 from protocol import NEED_DATA, RemoteProtocolError, libxl, xl
 
 from .domains import Domain, DomainConfig, Host, ToolstackError, config_json
@@ -78,13 +79,10 @@ async def resume_source(domain: Domain, callbacks: HelperCallbacks) -> None:
 
 
 def read_exact(fd: int, n: int, what: str) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = os.read(fd, n - len(data))
-        if not chunk:
-            raise RemoteProtocolError(f"file truncated in the {what}")
-        data += chunk
-    return data
+    data = FdReader(fd).read_exact(n)
+    if len(data) < n:
+        raise RemoteProtocolError(f"file truncated in the {what}")
+    return bytes(data)
 
 
 def read_headers(fd: int) -> DomainConfig:
