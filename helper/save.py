@@ -153,7 +153,11 @@ class Saver:
         )
         self.progress.iteration += 1
         self.progress.dirty_count = len(final)
-        self.send_pages(final)
+        # A sweep with extents read now, while the guest is paused: pages of
+        # an unfinished first pass that are still holes go out as zeros
+        # without being faulted in, and every other page as it is.
+        self._extents = None
+        self.send_pages(final, sweep=True)
         self.disable_logdirty()
 
     def suspend_domain(self) -> None:

@@ -381,3 +381,39 @@ def test_a_destination_that_sends_nonsense_fails_the_migration_cleanly(cluster):
     listener.close()
     assert r.returncode == 1 and "destination sent nonsense" in r.stderr
     assert_running_and_writing(a, "vm1")
+
+
+def test_a_watching_client_that_leaves_does_not_end_the_migration(cluster):
+    from toolstack.client import DaemonClient
+
+    a, b = cluster.daemon("a"), cluster.daemon("b")
+    create(a, "vm1", memory=64 * MiB, rate=40_000)
+    client = DaemonClient(a.socket)
+    seen = []
+
+    class Leave(Exception):
+        pass
+
+    def on_progress(p):
+        seen.append(p)
+        raise Leave
+
+    settings = {"max_dirty": 0, "max_iterations": 8}
+    with pytest.raises(Leave):
+        client.request(
+            "migrate",
+            name="vm1",
+            address=f"127.0.0.1:{b.port}",
+            policy="xen",
+            settings=settings,
+            watch=True,
+            on_progress=on_progress,
+        )
+    client.close()
+    assert seen and seen[0]["kind"] == "migrate"
+    deadline = time.monotonic() + 60
+    while a.request("job", name="vm1")["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert a.request("job", name="vm1")["job"]["phase"] == "completed"
+    assert_running_and_writing(b, "vm1")

@@ -107,6 +107,24 @@ async def test_converge_fallback_fires_when_the_rate_does_not_allow(host, short_
     assert not os.path.exists(os.path.join(short_tmp, "t.partial"))
 
 
+class StopEarly(Policy):
+    """Stop and copy after the first batch of iteration 0."""
+
+    def rule(self, stats, estimate):
+        return PrecopyDecision.STOP_AND_COPY
+
+
+async def test_stop_and_copy_in_the_first_pass_of_a_sparse_domain(host, short_tmp):
+    domain = await host.create(config(memory=64 * MiB, rate=20_000, ws=0.1))
+    await trio.sleep(0.2)
+    path = os.path.join(short_tmp, "early.save")
+    stats = await save_to_file(host, domain, path, live=True, policy=StopEarly(), verify=True)
+    assert [it.pages for it in stats.iterations][0] == 1024 and stats.iterations[-1].final
+    restored = await restore_from_file(host, path, paused=True)
+    assert await restored.call("digest") == stats.source_digest
+    assert await restored.call("guest_check") == "ok"
+
+
 class AbortAt(Policy):
     """Continue until `iteration`, then do `action` (tests)."""
 

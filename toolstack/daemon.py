@@ -103,17 +103,26 @@ class Daemon:
     # -- connections ------------------------------------------------------
     async def _control_connection(self, stream) -> None:
         async with stream:
-            while True:
-                try:
-                    request = await read_frame(stream)
-                except ConnectionLost:
-                    return
-                except ProtocolError as exc:
-                    await _reply(stream, {"ok": False, "error": f"bad request: {exc}"})
-                    return
-                reply = await self.api.handle(request, stream)
-                if not await _reply(stream, reply):
-                    return
+            try:
+                await self._serve_client(stream)
+            except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client left (a watched job runs on without it)
+            except Exception:
+                # A bug in one request must not take the daemon down.
+                log.exception("control request failed")
+
+    async def _serve_client(self, stream) -> None:
+        while True:
+            try:
+                request = await read_frame(stream)
+            except ConnectionLost:
+                return
+            except ProtocolError as exc:
+                await _reply(stream, {"ok": False, "error": f"bad request: {exc}"})
+                return
+            reply = await self.api.handle(request, stream)
+            if not await _reply(stream, reply):
+                return
 
     async def _migration_connection(self, stream) -> None:
         jobs: list[Job] = []
@@ -126,6 +135,10 @@ class Daemon:
         async with stream:
             try:
                 await migrate_receive(self.host, stream, self.auth_key, on_job=on_job)
+            except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except Exception:
+                log.exception("incoming migration failed")
             finally:
                 for job in jobs:
                     if job.stats.ended_ns is None:
