@@ -80,7 +80,9 @@ def main(argv=None) -> int:
     except SaveAborted as exc:
         return fail(link, context, errno.ECANCELED, str(exc))
     except ProtocolError as exc:
-        return fail(link, context, errno.EPROTO, f"bad stream: {exc}")
+        # a restore reads the stream; a save reads only RPC answers
+        what = "bad stream" if args.restore_domain else "bad answer from the toolstack or domain"
+        return fail(link, context, errno.EPROTO, f"{what}: {exc}")
     except StreamClosed as exc:
         return fail(link, context, errno.EPIPE, str(exc))
     except RpcError as exc:
@@ -91,7 +93,10 @@ def main(argv=None) -> int:
         where = traceback.extract_tb(exc.__traceback__)[-1]
         detail = f"{type(exc).__name__}: {exc} ({os.path.basename(where.filename)}:{where.lineno})"
         return fail(link, context, errno.EIO, f"internal error in the helper: {detail}")
-    link.complete(0, 0, "")
+    try:
+        link.complete(0, 0, "")
+    except (RpcError, OSError):
+        return 1  # done, but nobody is left to hear it
     return 0
 
 
