@@ -37,6 +37,7 @@ EMPTY_ITERATION_PAUSE = 0.005  # s: let a quiet guest dirty something before ask
 # mapping would allocate it in the source (and fault, slowly); full sweeps
 # send these zeros from one shared zero buffer instead.
 ZEROS = memoryview(bytes(MAX_BATCH_PAGES * PAGE_SIZE))
+POPULATE_MIN_PAGES = 16  # shorter runs: a syscall costs more than the faults it saves
 
 
 class SaveAborted(Exception):
@@ -151,13 +152,15 @@ class Saver:
         self.link.say(
             LOG_INFO, "save", f"stop and copy: {len(final)} pages to send while suspended"
         )
+        first_pass_unfinished = self.progress.iteration == 0
         self.progress.iteration += 1
         self.progress.dirty_count = len(final)
-        # A sweep with extents read now, while the guest is paused: pages of
-        # an unfinished first pass that are still holes go out as zeros
-        # without being faulted in, and every other page as it is.
+        # Stopped inside the first pass: the unsent part may hold holes, so
+        # sweep with extents read now, while the guest is paused (holes go
+        # out as zeros without being faulted in).  Otherwise every page to
+        # send was written by the guest: plain views, the fast path.
         self._extents = None
-        self.send_pages(final, sweep=True)
+        self.send_pages(final, sweep=first_pass_unfinished)
         self.disable_logdirty()
 
     def suspend_domain(self) -> None:
@@ -223,7 +226,8 @@ class Saver:
                 views.append(ZEROS[: (stop - page) * PAGE_SIZE])
             else:
                 stop = min(data_end, end)
-                self.memory.populate(page * PAGE_SIZE, (stop - page) * PAGE_SIZE)
+                if stop - page >= POPULATE_MIN_PAGES:
+                    self.memory.populate(page * PAGE_SIZE, (stop - page) * PAGE_SIZE)
                 views.append(self.memory.page_view(page, stop - page))
             page = stop
         return views

@@ -146,3 +146,12 @@ def test_operator_requests_and_live_settings():
         q.policy.set("fallback", "postcopy")
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("qemu")
+
+
+def test_bandwidth_is_the_lower_of_the_window_and_the_whole_run():
+    # 100 MB/s for 1 s of data, then 1 GB/s for 150 ms of never-touched pages
+    p = Steered(ConvergePolicy(downtime_limit=1))
+    p.ask(stats(0, -1, total_bytes=0, t_ms=0))
+    p.ask(stats(0, -1, total_bytes=100_000_000, t_ms=1000))
+    p.ask(stats(0, -1, total_bytes=250_000_000, t_ms=1150))
+    assert p.estimate.bandwidth == pytest.approx(250e6 / 1.15, rel=0.01)

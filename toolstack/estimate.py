@@ -3,7 +3,11 @@
 Shared by the converge policy (which decides on them) and a job's stats
 (which show them): one estimator, one definition of each number.
 
-    bandwidth          stream octets over the last BANDWIDTH_WINDOW or more
+    bandwidth          stream octets over the last BANDWIDTH_WINDOW or more, or
+                       over the whole run if that is lower: pages never
+                       touched go out faster than data, so the tail of a
+                       first pass over a sparse guest would promise a final
+                       pass (all data) faster than it will be
     dirty rate         pages dirtied by the guest during the previous
                        iteration (the dirty count at the start of this one)
                        over that iteration's duration
@@ -28,6 +32,7 @@ class Estimator:
         self.expected_downtime_ms: float | None = None
         self.started_ns: int | None = None
         self._samples: deque[tuple[int, int]] = deque()  # (time_ns, total_bytes)
+        self._first: tuple[int, int] | None = None
         self._iteration = -1
         self._iteration_start = 0
 
@@ -54,12 +59,15 @@ class Estimator:
 
     def _track_bandwidth(self, stats: PrecopyStats, now: int) -> None:
         self._samples.append((now, stats.total_bytes))
+        if self._first is None:
+            self._first = (now, stats.total_bytes)
         # keep the newest sample that is at least a window old, drop older ones
         while len(self._samples) >= 2 and self._samples[1][0] <= now - BANDWIDTH_WINDOW_NS:
             self._samples.popleft()
-        then, sent = self._samples[0]
-        if now - then >= BANDWIDTH_WINDOW_NS and stats.total_bytes > sent:
-            self.bandwidth = (stats.total_bytes - sent) / ((now - then) / 1e9)
+        window = _rate(self._samples[0], now, stats.total_bytes)
+        if window is not None:
+            whole = _rate(self._first, now, stats.total_bytes)
+            self.bandwidth = min(window, whole) if whole else window
 
     def _expected_downtime_ms(self, stats: PrecopyStats, now: int) -> float | None:
         if stats.dirty_count < 0 or not self.bandwidth:
@@ -67,3 +75,11 @@ class Estimator:
         since_clean = (now - self._iteration_start) / 1e9
         remaining_pages = stats.iter_remaining + (self.dirty_rate or 0.0) * since_clean
         return remaining_pages * PAGE_SIZE / self.bandwidth * 1000
+
+
+def _rate(since: tuple[int, int], now: int, total_bytes: int) -> float | None:
+    """Octets per second from the sample `since` to now, when the span is a window or more."""
+    then, sent = since
+    if now - then < BANDWIDTH_WINDOW_NS or total_bytes <= sent:
+        return None
+    return (total_bytes - sent) / ((now - then) / 1e9)
