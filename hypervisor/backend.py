@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from protocol._gen_runner_msgs import Workload
-
 from .memory import GuestMemory
 
 
@@ -46,7 +44,3 @@ class Backend(Protocol):
 
 class BackendError(Exception):
     """A request the backend cannot carry out (answered as an RPC error)."""
-
-
-def default_workload() -> Workload:
-    return Workload(dirty_rate=0.0, working_set=1.0, skew=0.0, seed=1)

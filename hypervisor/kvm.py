@@ -226,7 +226,3 @@ def check_in_host(memory: GuestMemory) -> str:
     if int(table.sum(dtype=np.uint64)) & 0xFFFFFFFF != writes:
         return f"runner: page versions do not add up to the guest's {writes} writes"
     return "ok"
-
-
-def kvm_available() -> bool:
-    return kvm_api.kvm_usable()

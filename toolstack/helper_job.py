@@ -67,7 +67,7 @@ class HelperCallbacks(ToolstackHandlers):
         )
 
     async def on_progress(self, context, doing_what, done, total) -> None:
-        self.stats.record_progress(doing_what, done, total)
+        self.stats.record_progress(done, total)
 
     async def on_suspend(self) -> bool:
         await self.domain.call("pause")

@@ -80,7 +80,7 @@ class JobStats:
         self.iterations[-1].final = True
         self._final_base = (self.pages_sent, self.bytes_sent)
 
-    def record_progress(self, doing_what: str, done: int, total: int) -> None:
+    def record_progress(self, done: int, total: int) -> None:
         self.remaining_pages = total - done
         if self.phase == "stop-and-copy":
             final = self.iterations[-1]
