@@ -58,7 +58,8 @@ def models(schema: Schema) -> str:
         "    check_list,",
         "    check_str,",
         ")\n",
-        f'DIRECTION = "{schema.direction}"\n',
+        f'DIRECTION = "{schema.direction}"  # {schema.caller} calls, {schema.callee} answers',
+        f'REVERSE_DIRECTION = "{schema.reverse_direction}"\n',
         "",
         "def _dec_none(value, where):",
         "    if value is not None:",
@@ -136,7 +137,7 @@ def models(schema: Schema) -> str:
         out += [
             "",
             f"{m.class_name}.SPEC = MessageSpec(",
-            f"    {m.id}, {m.name!r}, DIRECTION, {m.applies!r}, {m.waits}, {m.passes_fd}, {m.class_name}, {dec}, {enc}",
+            f"    {m.id}, {m.name!r}, {'DIRECTION' if m.direction == schema.direction else 'REVERSE_DIRECTION'}, {m.applies!r}, {m.waits}, {m.passes_fd}, {m.class_name}, {dec}, {enc}",
             ")\n",
         ]
     names = ", ".join(m.class_name for m in schema.messages)
@@ -151,80 +152,90 @@ def _signature(schema: Schema, m) -> tuple[str, str, str]:
     return params, args, returns
 
 
-def stubs(schema: Schema) -> str:
+def _models_import(schema: Schema) -> list[str]:
     module = schema.outputs["models"].removesuffix(".py").replace("/", ".")
-    callee = schema.callee.capitalize()
+    names = ", ".join(m.class_name for m in schema.messages)
+    return [f"from {module} import *  # noqa: F403", f"from {module} import {names}\n"]
+
+
+def _sides(schema: Schema):
+    """(sender, receiver, messages) for each direction that has messages."""
+    for direction, sender, receiver in (
+        (schema.direction, schema.caller, schema.callee),
+        (schema.reverse_direction, schema.callee, schema.caller),
+    ):
+        messages = schema.calls(direction)
+        if messages:
+            yield sender, receiver, messages
+
+
+def stubs(schema: Schema) -> str:
     out = [
         header(schema),
-        f'"""{schema.title}: one function per message, for the {schema.caller} side.\n',
+        f'"""{schema.title}: one function per message, for the side that sends it.\n',
         "`channel.call(message)` sends a message and, when the message has a reply,",
         'blocks for it and returns its value (raising on an error reply)."""\n',
         "from __future__ import annotations\n",
-        f"from {module} import *  # noqa: F403",
-        f"from {module} import {', '.join(m.class_name for m in schema.messages)}\n",
+        *_models_import(schema),
     ]
-    for prefix, kw_def, kw_await in (("", "def", ""), ("Async", "async def", "await ")):
-        out += [
-            "",
-            f"class {prefix}{callee}Stubs:",
-            f'    """Calls from the {schema.caller} to the {schema.callee}."""\n',
-            "    def __init__(self, channel) -> None:",
-            "        self.channel = channel",
-        ]
-        for m in schema.messages:
-            params, args, returns = _signature(schema, m)
+    for sender, receiver, messages in _sides(schema):
+        for prefix, kw_def, kw_await in (("", "def", ""), ("Async", "async def", "await ")):
             out += [
                 "",
-                f"    {kw_def} {m.name}(self{params}) -> {returns}:",
-                f'        """{m.doc}"""',
-                f"        return {kw_await}self.channel.call({m.class_name}({args}))",
+                f"class {prefix}{receiver.capitalize()}Stubs:",
+                f'    """Calls from the {sender} to the {receiver}."""\n',
+                "    def __init__(self, channel) -> None:",
+                "        self.channel = channel",
             ]
-        out.append("")
+            for m in messages:
+                params, args, returns = _signature(schema, m)
+                out += [
+                    "",
+                    f"    {kw_def} {m.name}(self{params}) -> {returns}:",
+                    f'        """{m.doc}"""',
+                    f"        return {kw_await}self.channel.call({m.class_name}({args}))",
+                ]
+            out.append("")
     return "\n".join(out)
 
 
 def dispatch(schema: Schema) -> str:
-    module = schema.outputs["models"].removesuffix(".py").replace("/", ".")
     is_async = schema.outputs.get("dispatch_async", False)
     kw_def = "async def" if is_async else "def"
     kw_await = "await " if is_async else ""
-    callee = schema.callee.capitalize()
     out = [
         header(schema),
-        f'"""{schema.title}: the {schema.callee} side.\n',
-        f"Subclass `{callee}Handlers`, implement `on_<message>` for each message, and pass",
-        'decoded calls to `dispatch()`; it returns the reply value."""\n',
+        f'"""{schema.title}: the receiving side.\n',
+        "Subclass `<Receiver>Handlers`, implement `on_<message>` for each message, and",
+        'pass decoded calls to `dispatch()`; it returns the reply value."""\n',
         "from __future__ import annotations\n",
-        f"from {module} import *  # noqa: F403",
-        f"from {module} import {', '.join(m.class_name for m in schema.messages)}\n",
-        "",
-        f"class {callee}Handlers:",
-        f'    """Handlers for every message the {schema.caller} sends."""',
+        *_models_import(schema),
     ]
-    for m in schema.messages:
-        params, _args, returns = _signature(schema, m)
+    for sender, receiver, messages in _sides(schema):
+        cls = f"{receiver.capitalize()}Handlers"
+        out += ["", f"class {cls}:", f'    """Handlers for every message the {sender} sends."""']
+        for m in messages:
+            params, _args, returns = _signature(schema, m)
+            out += [
+                "",
+                f"    {kw_def} on_{m.name}(self{params}) -> {returns}:",
+                f'        """{m.doc}"""',
+                f'        raise NotImplementedError("{m.name}")',
+            ]
+        routes = "".join(
+            f"\n        {m.class_name}: lambda h, m: h.on_{m.name}("
+            + ", ".join(f"m.{a.name}" for a in m.args)
+            + "),"
+            for m in messages
+        )
         out += [
             "",
-            f"    {kw_def} on_{m.name}(self{params}) -> {returns}:",
-            f'        """{m.doc}"""',
-            f'        raise NotImplementedError("{m.name}")',
-        ]
-    out += [
-        "",
-        f"    {kw_def} dispatch(self, message):",
-        "        return " + kw_await + "_ROUTES[type(message)](self, message)",
-        "",
-    ]
-    for m in schema.messages:
-        fields = ", ".join(f"message.{a.name}" for a in m.args)
-        out += [
+            f"    {kw_def} dispatch(self, message):",
+            f"        return {kw_await}self._ROUTES[type(message)](self, message)",
             "",
-            f"def _route_{m.name}(handlers, message):",
-            f"    return handlers.on_{m.name}({fields})",
+            f"    _ROUTES = {{{routes}\n    }}",
             "",
         ]
-    routes = "".join(f"\n    {m.class_name}: _route_{m.name}," for m in schema.messages)
-    out += ["", f"_ROUTES = {{{routes}\n}}", ""]
     return "\n".join(out)
 
 

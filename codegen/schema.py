@@ -53,6 +53,7 @@ class Message:
     applies: str
     passes_fd: bool
     waits: bool  # the sender blocks for a reply (an empty one when `reply` is None)
+    direction: str  # "caller->callee" (or the reverse)
 
     @property
     def class_name(self) -> str:
@@ -76,6 +77,13 @@ class Schema:
     @property
     def direction(self) -> str:
         return f"{self.caller}->{self.callee}"
+
+    @property
+    def reverse_direction(self) -> str:
+        return f"{self.callee}->{self.caller}"
+
+    def calls(self, direction: str) -> list[Message]:
+        return [m for m in self.messages if m.direction == direction]
 
 
 def load(path: Path) -> Schema:
@@ -135,7 +143,15 @@ def load(path: Path) -> Schema:
             raise SchemaError(f"{path}: message {name} has a reply, so its sender waits")
         passes_fd = bool(body.get("passes_fd"))
         doc = body.get("doc", "")
-        schema.messages.append(Message(name, msg_id, doc, args, reply, applies, passes_fd, waits))
+        direction = body.get("direction", schema.direction)
+        if direction not in (schema.direction, schema.reverse_direction):
+            raise SchemaError(
+                f"{path}: message {name}: direction must be {schema.direction} or "
+                f"{schema.reverse_direction}"
+            )
+        schema.messages.append(
+            Message(name, msg_id, doc, args, reply, applies, passes_fd, waits, direction)
+        )
     schema.messages.sort(key=lambda m: m.id)
     return schema
 

@@ -19,7 +19,8 @@ from protocol.rpc import (
     check_str,
 )
 
-DIRECTION = "helper->toolstack"
+DIRECTION = "helper->toolstack"  # helper calls, toolstack answers
+REVERSE_DIRECTION = "toolstack->helper"
 
 
 def _dec_none(value, where):

@@ -19,7 +19,8 @@ from protocol.rpc import (
     check_str,
 )
 
-DIRECTION = "client->runner"
+DIRECTION = "client->runner"  # client calls, runner answers
+REVERSE_DIRECTION = "runner->client"
 
 
 def _dec_none(value, where):

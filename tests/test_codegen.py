@@ -89,3 +89,46 @@ def schema_file(tmp_path, body: str) -> Path:
 def test_broken_schemas_are_refused(tmp_path, body, rule):
     with pytest.raises(SchemaError, match=rule):
         load(schema_file(tmp_path, body))
+
+
+def test_a_message_can_go_the_other_way(tmp_path):
+    from codegen import render
+    from protocol import Call, RemoteProtocolError, RpcConnection
+
+    schema = load(
+        schema_file(
+            tmp_path,
+            """
+            [messages.ask]
+            id = 1
+            reply = "u32"
+            [messages.tell]
+            id = 2
+            direction = "b->a"
+            args = [["what", "str"]]
+            """,
+        )
+    )
+    import sys
+    import types
+
+    module = types.ModuleType("ferry_test_models")  # dataclasses look ClassVar up here
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(render.models(schema), "models", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    namespace = module.__dict__
+    a_end = RpcConnection(namespace["TABLE"], sends="a->b", receives="b->a")
+    b_end = RpcConnection(namespace["TABLE"], sends="b->a", receives="a->b")
+    tell = namespace["Tell"]("hi")
+    a_end.receive_data(b_end.send_call(tell))
+    assert a_end.next_event() == Call(tell)
+    b_end.receive_data(b_end.send_call(tell))  # b sending to itself: wrong way
+    with pytest.raises(RemoteProtocolError, match="may not be sent to this end"):
+        b_end.next_event()
+    stubs, handlers = render.stubs(schema), render.dispatch(schema)
+    assert "class BStubs" in stubs and "class AStubs" in stubs
+    assert "class BHandlers" in handlers and "class AHandlers" in handlers
+    with pytest.raises(SchemaError, match="direction must be"):
+        load(schema_file(tmp_path, '[messages.x]\nid = 1\ndirection = "c->a"\n'))
