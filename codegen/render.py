@@ -243,10 +243,10 @@ def docs(schema: Schema) -> str:
     out = [
         header(schema, "<!--").rstrip("\n") + " -->\n",
         f"# {schema.title}\n",
-        f"Calls go {schema.caller} -> {schema.callee}; replies come back. Frames: u32 big-endian",
+        f"Calls go {schema.caller} -> {schema.callee} unless a message says otherwise; replies come back. Frames: u32 big-endian",
         "length, then msgpack `[kind, id, payload]` (see `protocol/rpc.py`).\n",
-        "| id | message | applies | arguments | reply | sender waits | what it does |",
-        "|---:|---|---|---|---|---|---|",
+        "| id | message | direction | applies | arguments | reply | sender waits | what it does |",
+        "|---:|---|---|---|---|---|---|---|",
     ]
     for m in schema.messages:
         args = ", ".join(f"{a.name}: {a.type}" for a in m.args) or "-"
@@ -254,7 +254,10 @@ def docs(schema: Schema) -> str:
         if m.passes_fd:
             reply += " + fd"
         waits = "yes" if m.waits else "no"
-        out.append(f"| {m.id} | `{m.name}` | {m.applies} | {args} | {reply} | {waits} | {m.doc} |")
+        out.append(
+            f"| {m.id} | `{m.name}` | {m.direction} | {m.applies} | {args} | {reply} | {waits} "
+            f"| {m.doc} |"
+        )
     for name, members in schema.enums.items():
         out += [
             "",
