@@ -55,6 +55,9 @@ class RecordReader:
         self._buf = bytearray()
         self._pos = 0
         self._base = start_offset  # stream offset of _buf[0]
+        self._body: bytearray | None = None  # a handed-over body (see feed)
+        # (record offset, octets after its header) while take_record waits for a body
+        self._awaiting_body: tuple[int, int] | None = None
         self.eof = False
         self.wanted = 0  # octets still missing for the next step, 0 when unknown
 
@@ -62,17 +65,27 @@ class RecordReader:
     def feed(self, data) -> None:
         if self.eof:
             raise LocalProtocolError("data fed after end of file")
-        if self._pos == len(self._buf) and type(data) is bytearray:
-            # Nothing buffered: adopt the caller's bytearray instead of
-            # copying it (a reader that reads whole records hands them over).
-            self._base += self._pos
-            self._buf, self._pos = data, 0
+        if type(data) is bytearray and self._completes_record(len(data)):
+            # Exactly the body (and padding) of the record whose header is
+            # buffered: keep the caller's bytearray instead of copying it.  A
+            # reader that reads what `wanted` asks for hands every body over so.
+            self._body = data
             return
         if self._pos and self._pos * 2 >= len(self._buf):
             del self._buf[: self._pos]
             self._base += self._pos
             self._pos = 0
         self._buf += data
+
+    def _completes_record(self, size: int) -> bool:
+        """take_record() is waiting for exactly `size` more octets after a
+        buffered header (and nothing else is buffered)."""
+        return (
+            self._body is None
+            and self._awaiting_body is not None
+            and self._awaiting_body == (self._base + self._pos, size)
+            and len(self._buf) - self._pos == RECORD_HEADER.size
+        )
 
     def feed_eof(self) -> None:
         self.eof = True
@@ -84,10 +97,14 @@ class RecordReader:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        body = 0 if self._body is None else len(self._body)
+        return len(self._buf) - self._pos + body
 
     def take_rest(self) -> bytes:
         """Remove and return every buffered octet (for handing over to another layer)."""
+        if self._body is not None:  # cannot happen between records; keep it exact anyway
+            self._buf += self._body
+            self._body = None
         rest = bytes(self._buf[self._pos :])
         self._base += len(self._buf)
         self._buf.clear()
@@ -134,19 +151,19 @@ class RecordReader:
             )
         total = RECORD_HEADER.size + length + padding_for(length)
         if self.buffered < total:
+            self._awaiting_body = (start, total - RECORD_HEADER.size)
             return self._need(total, f"record type {rtype:#x}")
-        if self._pos == 0 and len(self._buf) == total:
-            # The buffer holds exactly this record: hand its body out without a
-            # copy and start a new buffer (the old one now belongs to the event).
-            whole = memoryview(self._buf)
-            body, pad = whole[8 : 8 + length], whole[8 + length :]
-            self._base += total
-            self._buf = bytearray()
-            self.wanted = 0
+        self._awaiting_body = None
+        if self._body is not None:
+            whole, self._body = memoryview(self._body), None
+            body, pad = whole[:length], whole[length:]
+            self._pos += RECORD_HEADER.size
+            self._base += len(whole)  # the handed-over octets were never in _buf
         else:
             self._pos += RECORD_HEADER.size
             body = self.take(length, "record body")
             pad = self.take(padding_for(length), "record padding")
+        self.wanted = 0
         if any(pad):
             raise RemoteProtocolError(
                 f"record type {rtype:#x}: padding is not zero", start + 8 + length

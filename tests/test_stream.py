@@ -281,3 +281,22 @@ def test_checker_summarises_a_save_file():
 def test_checker_refuses_unknown_formats():
     with pytest.raises(RemoteProtocolError, match="not a ferry/Xen stream"):
         StreamChecker().feed(b"hello world, this is not a stream at all")
+
+
+def test_a_body_read_after_its_header_is_handed_over_not_copied():
+    data = STREAM
+    decoder = libxc.LibxcDecoder()
+    pos, bodies = 0, []
+    while not decoder.done:
+        chunk = bytearray(data[pos : pos + decoder.wanted])  # exact reads, like the restore helper
+        pos += len(chunk)
+        decoder.feed(chunk)
+        while (event := decoder.next_event()) is not NEED_DATA:
+            if isinstance(event, libxc.PageData):
+                bodies.append((event, chunk))
+            if decoder.done:
+                break
+    ((page_data, body_chunk),) = bodies
+    assert page_data.data.obj is body_chunk  # the very bytearray the reader filled
+    assert decoder.offset == len(data) and decoder.trailing() == b""
+    assert bytes(page_data.data) == b"".join(page(p) for p in (0, 1, 2, 5))
