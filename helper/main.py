@@ -39,6 +39,9 @@ def parse_args(argv):
     p.add_argument("--rpc-fd", type=int, required=True, help="the socket to the toolstack")
     p.add_argument("--domain", required=True, help="the domain runner's control socket")
     p.add_argument("--live", action="store_true", help="precopy while the guest runs")
+    p.add_argument(
+        "--stream-offset", type=int, default=0, help="where the libxc stream starts (for errors)"
+    )
     return p.parse_args(argv)
 
 
@@ -51,7 +54,7 @@ def run(args, link: ToolstackLink) -> None:
             finally:
                 job.close()
         else:
-            job = Restorer(domain, link, FdReader(args.io_fd))
+            job = Restorer(domain, link, FdReader(args.io_fd), args.stream_offset)
             try:
                 job.restore()
             finally:

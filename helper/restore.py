@@ -22,12 +22,14 @@ from .toolstack_link import ToolstackLink
 
 
 class Restorer:
-    def __init__(self, domain: RunnerClient, link: ToolstackLink, reader: FdReader):
+    def __init__(
+        self, domain: RunnerClient, link: ToolstackLink, reader: FdReader, stream_offset: int = 0
+    ):
         self.domain = domain
         self.link = link
         self.reader = reader
         self.memory = domain.map_guest_memory(writable=True)
-        self.decoder = libxc.LibxcDecoder(max_pfns=self.memory.pages)
+        self.decoder = libxc.LibxcDecoder(max_pfns=self.memory.pages, start_offset=stream_offset)
         self.written = np.zeros(self.memory.pages, dtype=bool)  # pfns this restore wrote
         self.pages_written = 0
         self.context: bytes | None = None

@@ -209,8 +209,17 @@ EMPTY_RECORDS = (
 )
 END = Marker(REC_END)
 
-Event = ImageHeader | DomainHeader | PageData | TscInfo | HvmContext | HvmParams | PfnList
-Event = Event | Marker | SkippedRecord
+Event = (
+    ImageHeader
+    | DomainHeader
+    | PageData
+    | TscInfo
+    | HvmContext
+    | HvmParams
+    | PfnList
+    | Marker
+    | SkippedRecord
+)
 
 
 # -- encoding ----------------------------------------------------------------
@@ -316,9 +325,10 @@ class LibxcDecoder:
         self,
         max_pfns: int | None = None,
         max_record_length: int = limits.MAX_RECORD_LENGTH,
+        start_offset: int = 0,
     ) -> None:
         self.max_pfns = limits.MAX_PFN + 1 if max_pfns is None else max_pfns
-        self._reader = RecordReader(max_record_length)
+        self._reader = RecordReader(max_record_length, start_offset)
         self._state = "image-header"
         self._seen_static_end = False
         self._seen_pages = False

@@ -123,6 +123,7 @@ async def run_helper(
     live: bool = False,
     silence_timeout: float = HELPER_SILENCE_TIMEOUT,
     command: list[str] | None = None,
+    stream_offset: int = 0,
 ) -> None:
     """Run a helper to completion; HelperFailed (one line) if it did not succeed."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,6 +131,8 @@ async def run_helper(
     cmd += ["--rpc-fd", str(theirs.fileno()), "--domain", domain.control_path]
     if live:
         cmd.append("--live")
+    if stream_offset:
+        cmd += ["--stream-offset", str(stream_offset)]
     try:
         proc = await trio.lowlevel.open_process(cmd, pass_fds=(io_fd, theirs.fileno()))
     finally:

@@ -234,7 +234,12 @@ async def _receive(host: Host, domain: Domain, stream, stats: JobStats, verify: 
     if decoder.next_event() != libxl.LibxlHeader() or decoder.next_event() != libxl.LibxcContext():
         raise RemoteProtocolError("the stream does not start with a libxl header and LIBXC_CONTEXT")
     stats.phase = "restoring"
-    await run_helper("restore", stream.socket.fileno(), domain, HelperCallbacks(domain, stats))
+    # offsets in errors count from the start of the libxl stream
+    libxc_offset = libxl.HEADER.size + 8
+    callbacks = HelperCallbacks(domain, stats)
+    await run_helper(
+        "restore", stream.socket.fileno(), domain, callbacks, stream_offset=libxc_offset
+    )
     decoder.resume()
     while not isinstance(event := decoder.next_event(), libxl.LibxlEnd):
         if event is NEED_DATA:

@@ -19,7 +19,7 @@ from helper.fdio import FdReader
 from protocol import NEED_DATA, RemoteProtocolError, libxl, xl
 
 from .domains import Domain, DomainConfig, Host, ToolstackError, config_json
-from .helper_job import HelperCallbacks, run_helper
+from .helper_job import HelperCallbacks, HelperFailed, run_helper
 from .policies import Policy
 from .stats import JobStats
 
@@ -104,7 +104,8 @@ def read_headers(fd: int) -> DomainConfig:
 
 def read_libxl_tail(fd: int) -> None:
     """The libxl records after the libxc stream, up to END."""
-    decoder = libxl.LibxlDecoder(inner=False, expect_header=False)
+    offset = os.lseek(fd, 0, os.SEEK_CUR)
+    decoder = libxl.LibxlDecoder(inner=False, expect_header=False, start_offset=offset)
     while True:
         event = decoder.next_event()
         if event is NEED_DATA:
@@ -141,10 +142,12 @@ async def restore_from_file(
         domain = await host.create(config, incoming=True)
         try:
             stats.phase = "restoring"
-            await run_helper("restore", fd, domain, HelperCallbacks(domain, stats))
+            callbacks = HelperCallbacks(domain, stats)
+            libxc_offset = os.lseek(fd, 0, os.SEEK_CUR)
             try:
+                await run_helper("restore", fd, domain, callbacks, stream_offset=libxc_offset)
                 read_libxl_tail(fd)
-            except RemoteProtocolError as exc:
+            except (RemoteProtocolError, HelperFailed) as exc:
                 raise ToolstackError(f"{path}: {exc}") from None
             await domain.call("pause" if paused else "unpause")
             await host.commit(domain)
