@@ -10,8 +10,9 @@ import sys
 import pytest
 import trio
 
-from protocol import RemoteProtocolError, StreamChecker
+from protocol import RemoteProtocolError, StreamChecker, libxc
 from protocol._gen_helper_msgs import PrecopyDecision
+from protocol._gen_runner_msgs import Workload
 from tests.conftest import processes_mentioning
 from toolstack.domains import DomainConfig, ToolstackError
 from toolstack.helper_job import HelperCallbacks, HelperFailed, run_helper
@@ -273,5 +274,69 @@ async def test_corrupted_records_fail_restore_with_the_rule(host, short_tmp, sma
     for offset, new, rule in cases:
         data = small_save[:offset] + new + small_save[offset + len(new) :]
         assert rule in await restore_fails(host, short_tmp, data)
-    bad_config = small_save.replace(b'"memory_bytes": 2097152', b'"memory_bytes": -2097152')
+    bad_config = small_save.replace(b'"memory_bytes":2097152', b'"memory_bytes":-2097152')
+    assert bad_config != small_save
     assert "bad domain config" in await restore_fails(host, short_tmp, bad_config)
+
+
+async def test_a_stream_without_a_vcpu_context_is_refused(host, short_tmp, small_save):
+    # find HVM_CONTEXT and make it an optional record of unknown type: skipped
+    start = small_save.index(b"XENF") - 8
+    decoder = libxc.LibxcDecoder(start_offset=start)
+    decoder.feed(small_save[start:])
+    before = decoder.offset
+    while not isinstance(event := decoder.next_event(), libxc.HvmContext):
+        before = decoder.offset
+    data = small_save[:before] + (0x80000009).to_bytes(4, "little") + small_save[before + 4 :]
+    assert "without an HVM_CONTEXT" in await restore_fails(host, short_tmp, data)
+    assert event.blob
+
+
+def test_a_toolstack_answering_nonsense_ends_the_save_cleanly(runners, short_tmp):
+    """The helper's side of bad input: a reply that is not a PrecopyDecision."""
+    import socket
+    import subprocess
+
+    import msgpack
+
+    from protocol import NEED_DATA, Call, RpcConnection
+    from protocol import _gen_helper_msgs as msgs
+    from protocol.rpc import FRAME_HEADER, REPLY
+    from toolstack.helper_job import helper_command
+
+    _proc, control = runners.start(workload=Workload(5000.0, 1.0, 0.0, 1))
+    ours, theirs = socket.socketpair()
+    out = os.open(os.path.join(short_tmp, "raw"), os.O_WRONLY | os.O_CREAT, 0o600)
+    cmd = [*helper_command(), "--save-domain", "--live", "--io-fd", str(out)]
+    cmd += ["--rpc-fd", str(theirs.fileno()), "--domain", control]
+    helper = subprocess.Popen(cmd, pass_fds=(out, theirs.fileno()))
+    theirs.close()
+    os.close(out)
+    conn = RpcConnection(msgs.TABLE, sends=None, receives=msgs.DIRECTION)
+    complete = None
+    try:
+        while complete is None:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                data = ours.recv(65536)
+                assert data, "the helper closed without `complete`"
+                conn.receive_data(data)
+                continue
+            assert isinstance(event, Call)
+            if isinstance(event.message, msgs.Complete):
+                complete = event.message
+            elif isinstance(event.message, msgs.PrecopyPolicy):
+                body = msgpack.packb([REPLY, msgs.PrecopyPolicy.SPEC.id, 7])
+                ours.sendall(FRAME_HEADER.pack(len(body)) + body)
+                conn.send_reply(msgs.PrecopyDecision.CONTINUE_PRECOPY)  # our side's bookkeeping
+        assert helper.wait(30) == 1
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+        ours.close()
+    assert complete.retval == -1 and "bad answer from the toolstack" in complete.message
+    assert "not a PrecopyDecision" in complete.message
+    with runners.client(control) as domain:
+        info = domain.getinfo()
+        assert info.state.name == "RUNNING" and not info.logdirty

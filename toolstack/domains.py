@@ -9,7 +9,6 @@ crashes, and `Host.reattach()` finds them again from the state dir.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -69,6 +68,10 @@ class DomainConfig(BaseModel):
     @property
     def workload(self) -> msgs.Workload:
         return msgs.Workload(self.dirty_rate, self.working_set, self.skew, self.seed)
+
+    def to_json(self) -> bytes:
+        """The form kept in the state dir, save files and migration requests."""
+        return self.model_dump_json().encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> DomainConfig:
@@ -189,7 +192,7 @@ class Host:
     def _save_config(self, domain: Domain) -> None:
         tmp = self.path(domain.name, "json.tmp")
         with open(tmp, "w") as f:
-            f.write(domain.config.model_dump_json())
+            f.write(domain.config.to_json().decode())
         os.rename(tmp, self.path(domain.name, "json"))
 
     async def _start_runner(self, domain: Domain, paused: bool, incoming: bool) -> None:
@@ -277,7 +280,3 @@ class Host:
             "guest_check": info.guest_check,
             "job": domain.busy,
         }
-
-
-def config_json(config: DomainConfig) -> bytes:
-    return json.dumps(config.model_dump()).encode()

@@ -25,7 +25,7 @@ import trio
 
 from protocol import NEED_DATA, ProtocolError, RemoteProtocolError, auth, libxl
 
-from .domains import Domain, DomainConfig, Host, ToolstackError, config_json
+from .domains import Domain, DomainConfig, Host, ToolstackError
 from .helper_job import HelperCallbacks, run_helper
 from .policies import Policy
 from .savefile import resume_source
@@ -112,9 +112,7 @@ async def migrate_send(
 
 async def _send(host, domain, stream, key, policy, stats, verify) -> dict:
     await client_handshake(stream, key)
-    await send_frame(
-        stream, {"op": "migrate", "config": config_json(domain.config), "verify": verify}
-    )
+    await send_frame(stream, {"op": "migrate", "config": domain.config.to_json(), "verify": verify})
     reply = await read_frame(stream)
     if not field(reply, "ok", bool):
         raise MigrationFailed(f"destination refused: {field(reply, 'error', str, 'no reason')}")

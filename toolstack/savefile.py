@@ -18,7 +18,7 @@ import time
 from helper.fdio import FdReader
 from protocol import NEED_DATA, RemoteProtocolError, libxl, xl
 
-from .domains import Domain, DomainConfig, Host, ToolstackError, config_json
+from .domains import Domain, DomainConfig, Host, ToolstackError
 from .helper_job import HelperCallbacks, HelperFailed, run_helper
 from .policies import Policy
 from .stats import JobStats
@@ -44,7 +44,7 @@ async def save_to_file(
     except OSError as exc:
         raise ToolstackError(f"cannot write {path}: {exc.strerror}") from None
     try:
-        os.write(fd, xl.encode_header(config_json(domain.config)))
+        os.write(fd, xl.encode_header(domain.config.to_json()))
         os.write(fd, libxl.encode_header() + libxl.encode_libxc_context())
         await run_helper("save", fd, domain, callbacks, live=live)
         stats.resumed_ns = time.monotonic_ns()  # downtime: suspend to a complete stream
