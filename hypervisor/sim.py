@@ -79,7 +79,6 @@ class SimGuest:
         self._stopping = threading.Event()  # wakes the pacing loop at once
         self._block_index = -1
         self._block = None
-        self.shadow: list | None = None  # tests: every burst of pages, in order
 
     # -- running ----------------------------------------------------------
     def start(self, incoming: bool) -> None:
@@ -120,8 +119,6 @@ class SimGuest:
             if self._logdirty:
                 self._dirty[unique] = True
             self._writes += count
-            if self.shadow is not None:
-                self.shadow.append(unique)
 
     # -- log-dirty --------------------------------------------------------
     def logdirty(self, enable: bool) -> None:
