@@ -15,6 +15,7 @@ import argparse
 import ctypes
 import errno
 import os
+import resource
 import signal
 import sys
 import traceback
@@ -118,16 +119,21 @@ def run_job(args) -> int:
         detail = f"{type(exc).__name__}: {exc} ({os.path.basename(where.filename)}:{where.lineno})"
         return fail(link, context, errno.EIO, f"internal error in the helper: {detail}")
     try:
-        link.complete(0, 0, "")
+        link.complete(0, 0, "", peak_rss())
     except (RpcError, OSError):
         return 1  # done, but nobody is left to hear it
     return 0
 
 
+def peak_rss() -> int:
+    """This process's peak resident set in octets (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def fail(link: ToolstackLink, context: str, errnoval: int, message: str) -> int:
     try:
         link.say(LOG_ERROR, context, message, errnoval)
-        link.complete(-1, errnoval, message)
+        link.complete(-1, errnoval, message, peak_rss())
     except (RpcError, OSError):
         pass  # the toolstack is gone: nobody left to tell
     return 1

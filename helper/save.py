@@ -65,6 +65,7 @@ class Saver:
         self.memory: GuestMemory = domain.map_guest_memory()
         self.pages = self.memory.pages
         self.progress = Progress()
+        self.policy_wait_ns = 0  # reported in every PrecopyStats: RPC cost, visible
         self.stop_requested = False
         self._extents: list[tuple[int, int]] | None = None  # data extents of a sweep
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -245,8 +246,11 @@ class Saver:
             domain_pages=self.pages,
             time_ns=time.monotonic_ns(),
             stream_start_ns=self.stream_start_ns,
+            policy_wait_ns=self.policy_wait_ns,
         )
-        return self.link.precopy_policy(stats)
+        decision = self.link.precopy_policy(stats)
+        self.policy_wait_ns += time.monotonic_ns() - stats.time_ns
+        return decision
 
     def dirty_pfns(self) -> tuple[np.ndarray, int]:
         log = self.domain.logdirty_clean()

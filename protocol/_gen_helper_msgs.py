@@ -69,14 +69,15 @@ class PrecopyStats:
     domain_pages: int  # pages of guest RAM
     time_ns: int  # CLOCK_MONOTONIC when the batch was written
     stream_start_ns: int  # CLOCK_MONOTONIC when the helper began writing the stream
+    policy_wait_ns: int  # time spent waiting for earlier precopy_policy answers (the difference between two calls' values is one round trip)
 
 
 def _enc_PrecopyStats(value):
-    return [value.iteration, value.total_written, value.dirty_count, value.iter_written, value.iter_remaining, value.iter_bytes, value.total_bytes, value.domain_pages, value.time_ns, value.stream_start_ns]
+    return [value.iteration, value.total_written, value.dirty_count, value.iter_written, value.iter_remaining, value.iter_bytes, value.total_bytes, value.domain_pages, value.time_ns, value.stream_start_ns, value.policy_wait_ns]
 
 
 def _dec_PrecopyStats(value, where):
-    check_list(value, where, 10)
+    check_list(value, where, 11)
     return PrecopyStats(
         check_int(value[0], where + ".iteration", 0, 4294967295),
         check_int(value[1], where + ".total_written", 0, 18446744073709551615),
@@ -88,6 +89,7 @@ def _dec_PrecopyStats(value, where):
         check_int(value[7], where + ".domain_pages", 0, 18446744073709551615),
         check_int(value[8], where + ".time_ns", 0, 18446744073709551615),
         check_int(value[9], where + ".stream_start_ns", 0, 18446744073709551615),
+        check_int(value[10], where + ".policy_wait_ns", 0, 18446744073709551615),
     )
 
 
@@ -313,18 +315,20 @@ class Complete:
     retval: int
     errnoval: int
     message: str
+    peak_rss: int
     SPEC: ClassVar[MessageSpec]
 
     def to_args(self) -> list:
-        return [self.retval, self.errnoval, self.message]
+        return [self.retval, self.errnoval, self.message, self.peak_rss]
 
     @classmethod
     def from_args(cls, args: list):
-        check_list(args, "complete arguments", 3)
+        check_list(args, "complete arguments", 4)
         return cls(
             check_int(args[0], 'complete.retval', -9223372036854775808, 9223372036854775807),
             check_int(args[1], 'complete.errnoval', -9223372036854775808, 9223372036854775807),
             check_str(args[2], 'complete.message'),
+            check_int(args[3], 'complete.peak_rss', 0, 18446744073709551615),
         )
 
 

@@ -40,7 +40,7 @@ def test_generated_stubs_call_through_a_channel():
             return hm.PrecopyDecision.CONTINUE_PRECOPY
 
     stubs = ToolstackStubs(Channel())
-    stats = hm.PrecopyStats(0, 1, -1, 1, 2, 3, 4, 5, 6, 0)
+    stats = hm.PrecopyStats(0, 1, -1, 1, 2, 3, 4, 5, 6, 0, 0)
     assert stubs.precopy_policy(stats) == hm.PrecopyDecision.CONTINUE_PRECOPY
     assert sent == [hm.PrecopyPolicy(stats)]
 

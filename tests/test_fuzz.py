@@ -93,7 +93,7 @@ def test_random_bytes_into_rpc_decoder(data, module):
 @given(st.data())
 def test_mutated_rpc_frames(data):
     sender = RpcConnection(hm.TABLE, sends=hm.DIRECTION, receives=None)
-    stats = hm.PrecopyStats(1, 2, -1, 3, 4, 5, 6, 7, 8, 0)
+    stats = hm.PrecopyStats(1, 2, -1, 3, 4, 5, 6, 7, 8, 0, 0)
     frame = sender.send_call(hm.PrecopyPolicy(stats)) + RpcConnection(
         hm.TABLE, sends=hm.DIRECTION, receives=None
     ).send_call(hm.Log(1, 0, "ctx", "msg"))

@@ -41,6 +41,7 @@ def stats(iteration=0, dirty=-1, written=1024, remaining=0, total_bytes=0, t_ms=
         domain_pages=262144,
         time_ns=t_ms * MS,
         stream_start_ns=0,
+        policy_wait_ns=0,
     )
 
 

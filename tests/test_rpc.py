@@ -10,7 +10,7 @@ from protocol import _gen_helper_msgs as hm
 from protocol import _gen_runner_msgs as rm
 from protocol.rpc import CALL, FRAME_HEADER, REPLY, RpcConnection
 
-STATS = hm.PrecopyStats(2, 5000, 300, 100, 200, 409_600, 20_000_000, 262_144, 123_456_789, 100)
+STATS = hm.PrecopyStats(2, 5000, 300, 100, 200, 409_600, 20_000_000, 262_144, 123_456_789, 100, 0)
 
 HELPER_SAMPLES = {
     "log": hm.Log(3, -5, "save", "hello"),
@@ -22,7 +22,7 @@ HELPER_SAMPLES = {
     "switch_logdirty": hm.SwitchLogdirty(True),
     "static_data_done": hm.StaticDataDone(0),
     "restore_results": hm.RestoreResults(1, 2, 3),
-    "complete": hm.Complete(0, 0, ""),
+    "complete": hm.Complete(0, 0, "", 0),
     "precopy_policy": hm.PrecopyPolicy(STATS),
 }
 HELPER_REPLIES = {
@@ -111,8 +111,8 @@ def raw_frame(body) -> bytes:
     "frame, rule",
     [
         (raw_frame([CALL, 99, []]), "unknown message id 99"),
-        (raw_frame([CALL, 11, [[1, 2]]]), "expected a list of 10 items"),
-        (raw_frame([CALL, 11, [[-1, 0, 0, 0, 0, 0, 0, 0, 0, 0]]]), "stats.iteration"),
+        (raw_frame([CALL, 11, [[1, 2]]]), "expected a list of 11 items"),
+        (raw_frame([CALL, 11, [[-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]]), "stats.iteration"),
         (raw_frame([CALL, 1, [3, 0, "c"]]), "expected a list of 4 items"),
         (raw_frame([CALL, 1, [256, 0, "c", "m"]]), "log.level"),
         (raw_frame([CALL, 1, [1, 0, b"bytes", "m"]]), "log.context"),

@@ -93,9 +93,10 @@ class HelperCallbacks(ToolstackHandlers):
     async def on_restore_results(self, pages, store_gfn, console_gfn) -> None:
         self.restored_pages = pages
 
-    async def on_complete(self, retval, errnoval, message) -> None:
+    async def on_complete(self, retval, errnoval, message, peak_rss) -> None:
         self.completed = (retval, errnoval, message)
         self.stats.stream_end_ns = time.monotonic_ns()
+        self.stats.helper_peak_rss = peak_rss
 
     async def on_precopy_policy(self, stats) -> PrecopyDecision:
         s = self.stats
@@ -111,7 +112,6 @@ class HelperCallbacks(ToolstackHandlers):
             if decision != PrecopyDecision.CONTINUE_PRECOPY:
                 s.decision = f"{decision.name.lower()}: {self.policy.reason}"
                 log.info("%s: %s", self.domain.name, s.decision)
-        s.policy_latencies_us.append((time.monotonic_ns() - stats.time_ns) / 1e3)
         return decision
 
 

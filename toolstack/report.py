@@ -9,6 +9,14 @@ def _ms(value) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
+def _share(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}% of precopy"
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+
+
 def progress_line(p: dict) -> str:
     bw = p.get("bandwidth_mb_s")
     exp = p.get("expected_downtime_ms")
@@ -47,6 +55,8 @@ def print_job(job: dict, policy: str | None = None, settings: dict | None = None
             "Policy RPCs",
             f"{job['policy_rpcs']} (p50 {job['policy_rpc_p50_us']} us, p99 {job['policy_rpc_p99_us']} us)",
         ),
+        ("Policy wait", _share(job.get("policy_share_of_precopy"))),
+        ("Helper peak RSS", _mib(job.get("helper_peak_rss"))),
     ]
     if policy:
         rows.append(("Policy", f"{policy} {settings or ''}"))

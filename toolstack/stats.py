@@ -46,7 +46,11 @@ class JobStats:
     estimate: Estimator = field(default_factory=Estimator)
     suspended_ns: int | None = None
     resumed_ns: int | None = None  # destination unpaused (or the save finished)
-    policy_latencies_us: list[float] = field(default_factory=list)
+    policy_calls: int = 0
+    policy_latencies_us: list[float] = field(default_factory=list)  # helper-measured round trips
+    policy_wait_ns: int = 0  # the helper's time waiting for answers, as of its last call
+    precopy_ns: int = 0  # the helper's stream start to its last policy call
+    helper_peak_rss: int | None = None  # VmHWM of the helper when it completed
     decision: str = ""  # the last non-continue decision and why
     source_digest: str = ""  # RAM digest of the suspended source, when asked for
     stream_start_ns: int | None = None  # the helper's first write
@@ -58,6 +62,11 @@ class JobStats:
         """From a precopy_policy call: the helper's counters after a batch."""
         self.estimate.update(stats)
         self.stream_start_ns = stats.stream_start_ns
+        if self.policy_calls:  # the previous call's round trip, as the helper timed it
+            self.policy_latencies_us.append((stats.policy_wait_ns - self.policy_wait_ns) / 1e3)
+        self.policy_calls += 1
+        self.policy_wait_ns = stats.policy_wait_ns
+        self.precopy_ns = stats.time_ns - stats.stream_start_ns
         while len(self.iterations) <= stats.iteration:
             self.iterations.append(Iteration())
         it = self.iterations[stats.iteration]
@@ -112,6 +121,13 @@ class JobStats:
             return None
         return (self.resumed_ns - self.suspended_ns) / 1e6
 
+    @property
+    def policy_share_of_precopy(self) -> float | None:
+        """The fraction of precopy the helper spent waiting for answers."""
+        if not self.precopy_ns:
+            return None
+        return round(self.policy_wait_ns / self.precopy_ns, 4)
+
     def to_dict(self) -> dict:
         e = self.estimate
         processed = self.pages_sent * PAGE_SIZE
@@ -133,9 +149,11 @@ class JobStats:
             "downtime_ms": _round(self.downtime_ms),
             "stream_ms": _round(self.stream_ms),
             "iterations": [vars(it) for it in self.iterations],
-            "policy_rpcs": len(self.policy_latencies_us),
+            "policy_rpcs": self.policy_calls,
             "policy_rpc_p50_us": _round(percentile(self.policy_latencies_us, 0.5)),
             "policy_rpc_p99_us": _round(percentile(self.policy_latencies_us, 0.99)),
+            "policy_share_of_precopy": self.policy_share_of_precopy,
+            "helper_peak_rss": self.helper_peak_rss,
             "decision": self.decision,
             "error": self.error,
         }
