@@ -12,12 +12,12 @@ Exit status 0 on success, 1 on failure.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import os
 import resource
-import signal
+import select
 import sys
+import threading
 import traceback
 
 from hypervisor import RpcError, RunnerClient
@@ -28,7 +28,7 @@ from .restore import Restorer
 from .save import SaveAborted, Saver
 from .toolstack_link import LOG_ERROR, ToolstackLink
 
-PR_SET_PDEATHSIG = 1
+POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 
 
 def parse_args(argv):
@@ -62,16 +62,23 @@ def run(args, link: ToolstackLink) -> None:
                 job.close()
 
 
-def die_with_parent() -> None:
-    """A helper whose toolstack died has nobody to answer it: end at once
-    (PR_SET_PDEATHSIG), which also closes the stream for the other host."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the rpc socket's EOF still ends us at the next call
-    if os.getppid() == 1:
-        sys.exit(1)  # the parent was already gone
+def die_with_toolstack(rpc_fd: int) -> None:
+    """A helper whose toolstack died has nobody to answer it: end at once,
+    which also closes the stream for the other host.
+
+    Not PR_SET_PDEATHSIG: it fires when the *thread* that forked us exits,
+    and trio forks from a worker thread that idles out after ~10 s, which
+    killed every helper running longer.  Instead a watchdog thread waits
+    for the toolstack's end of the rpc socket to close (POLLRDHUP; replies
+    are not POLLIN-requested here, so they never wake it)."""
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(rpc_fd, POLLRDHUP)
+        poller.poll()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="toolstack-watchdog", daemon=True).start()
 
 
 def main(argv=None) -> None:
@@ -96,7 +103,7 @@ def yield_to_the_toolstack() -> None:
 
 
 def run_job(args) -> int:
-    die_with_parent()
+    die_with_toolstack(args.rpc_fd)
     yield_to_the_toolstack()
     link = ToolstackLink(args.rpc_fd)
     context = "save" if args.save_domain else "restore"

@@ -347,3 +347,64 @@ def test_a_toolstack_answering_nonsense_ends_the_save_cleanly(runners, short_tmp
     with runners.client(control) as domain:
         info = domain.getinfo()
         assert info.state.name == "RUNNING" and not info.logdirty
+
+
+def test_the_helper_outlives_the_thread_that_forked_it_and_dies_with_the_toolstack(
+    runners, short_tmp
+):
+    """trio forks helpers from a worker thread that exits when idle; a helper
+    tied to that thread (PR_SET_PDEATHSIG) was killed ~10 s into any job.
+    It must live on, and still end when its toolstack goes away, even while
+    blocked writing a stream nobody reads."""
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    from protocol import Call, RpcConnection
+    from protocol import _gen_helper_msgs as msgs
+    from toolstack.helper_job import helper_command
+
+    _proc, control = runners.start(workload=Workload(0.0, 1.0, 0.0, 1))
+    ours, theirs = socket.socketpair()
+    stream_read, stream_write = os.pipe()  # never read: the helper's writev blocks
+    cmd = [*helper_command(), "--save-domain", "--io-fd", str(stream_write)]
+    cmd += ["--rpc-fd", str(theirs.fileno()), "--domain", control]
+    box, release = {}, threading.Event()
+
+    def fork_then_idle_out():  # what trio's worker thread does
+        box["p"] = subprocess.Popen(cmd, pass_fds=(stream_write, theirs.fileno()))
+        release.wait(30)
+
+    forker = threading.Thread(target=fork_then_idle_out)
+    forker.start()
+    while "p" not in box:
+        time.sleep(0.01)
+    helper = box["p"]
+    try:
+        theirs.close()
+        os.close(stream_write)
+        # a non-live save suspends the guest first: the helper is up and waits
+        conn = RpcConnection(msgs.TABLE, sends=None, receives=msgs.DIRECTION)
+        while not isinstance(event := conn.next_event(), Call):
+            data = ours.recv(65536)
+            assert data, "the helper ended before its first call"
+            conn.receive_data(data)
+        assert isinstance(event.message, msgs.Suspend)
+        release.set()
+        forker.join()
+        time.sleep(0.3)
+        assert helper.poll() is None, "the helper died with the thread that forked it"
+        # told yes, it writes pages until the pipe is full and blocks there
+        ours.sendall(conn.send_reply(True))
+        time.sleep(0.5)
+        assert helper.poll() is None
+        assert os.read(stream_read, 16)  # it is writing the stream
+        ours.close()  # the toolstack goes away
+        assert helper.wait(10) != 0
+    finally:
+        release.set()
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+        os.close(stream_read)
