@@ -24,7 +24,7 @@ gen: setup
 	$(PY) -m codegen
 
 bench: setup
-	$(PY) bench/run.py
+	$(VENV)/bin/ferry bench
 
 lint: setup
 	$(VENV)/bin/ruff check .

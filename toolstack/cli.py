@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bench.command import Bench
+
 from . import cli_commands
 from .demo import Demo
 
@@ -13,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="live-migration toolstack")
     parser.add_argument("--connect", metavar="SOCK", help="ferryd control socket")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in [*cli_commands.COMMANDS, Demo]:
+    for command in [*cli_commands.COMMANDS, Demo, Bench]:
         command.add_parser(sub)
     return parser
 

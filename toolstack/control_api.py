@@ -133,7 +133,7 @@ class ControlApi:
                 paused=field(r, "paused", bool, False),
                 stats=stats,
             )
-            return {"domain": await self.host.info(domain)}
+            return {"domain": await self.host.info(domain), "job": stats.to_dict()}
 
         job = Job(stats)
         self.daemon.job_nursery.start_soon(job.run, work)

@@ -88,6 +88,9 @@ class HelperCallbacks(ToolstackHandlers):
         return True  # ferry domains have no separate device model to switch
 
     async def on_static_data_done(self, missing) -> int:
+        # A restore's stream starts here: the helper is up and reading pages.
+        if self.stats.stream_start_ns is None:
+            self.stats.stream_start_ns = time.monotonic_ns()
         return 0
 
     async def on_restore_results(self, pages, store_gfn, console_gfn) -> None:

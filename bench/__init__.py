@@ -1,0 +1,1 @@
+"""`ferry bench` (`make bench`): ferry measured against this machine's own limits."""

@@ -1,0 +1,142 @@
+"""What this machine does without ferry: the baselines ferry is divided by.
+
+Each is the least a program must do for the same job, written plainly in
+Python like ferry itself, measured in the same run:
+
+    raw_stream      as many bytes from a filled mmap over loopback TCP, one
+                    sendmsg of 4 KiB-page iovecs per 4 MiB, received by
+                    another process into a fresh mmap
+    raw_read        a file read into a fresh mmap
+    raw_ping_pong   64-octet messages bounced over a socketpair between
+                    two processes
+
+The far ends run in their own processes (`python -m bench.baselines ...`),
+as ferry's helpers do.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+PAGE = 4096
+CHUNK = 1024 * PAGE  # one sendmsg: as many pages as one ferry batch
+
+
+def filled_mmap(size: int) -> mmap.mmap:
+    """An anonymous mapping with every page written, like a guest's used RAM."""
+    region = mmap.mmap(-1, size)
+    pattern = b"\x5a" * CHUNK
+    for offset in range(0, size, CHUNK):
+        region[offset : offset + min(CHUNK, size - offset)] = pattern[: size - offset]
+    return region
+
+
+def _peer(*args: object, pass_fds=()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bench.baselines", *map(str, args)]
+    return subprocess.Popen(cmd, pass_fds=pass_fds, stdout=subprocess.PIPE)
+
+
+def raw_stream(total: int) -> float:
+    """MB/s of the minimal sender into a receiver in another process."""
+    source = filled_mmap(total)
+    view = memoryview(source)
+    listener = socket.create_server(("127.0.0.1", 0))
+    receiver = _peer("receive", listener.getsockname()[1], total)
+    try:
+        sock, _ = listener.accept()
+        started = time.perf_counter()
+        for offset in range(0, total, CHUNK):
+            end = min(offset + CHUNK, total)
+            pages = [view[p : min(p + PAGE, end)] for p in range(offset, end, PAGE)]
+            while pages:
+                sent = sock.sendmsg(pages)
+                while sent and pages:  # a partial send: drop what went, keep the rest
+                    if sent >= len(pages[0]):
+                        sent -= len(pages.pop(0))
+                    else:
+                        pages[0], sent = pages[0][sent:], 0
+        sock.recv(1)  # the receiver has every byte
+        elapsed = time.perf_counter() - started
+        sock.close()
+    finally:
+        receiver.communicate()
+        listener.close()
+        view.release()
+        source.close()
+    return total / 1e6 / elapsed
+
+
+def receive(port: int, total: int) -> None:
+    into = mmap.mmap(-1, total)
+    view = memoryview(into)
+    sock = socket.create_connection(("127.0.0.1", port))
+    got = 0
+    while got < total:
+        count = sock.recv_into(view[got:])
+        if not count:
+            raise SystemExit("raw_stream: the sender closed early")
+        got += count
+    sock.send(b"k")
+    sock.close()
+
+
+def raw_read(path: str) -> float:
+    """MB/s of reading the file into a fresh mmap, CHUNK octets a call."""
+    size = os.path.getsize(path)
+    into = mmap.mmap(-1, size)
+    view = memoryview(into)
+    fd = os.open(path, os.O_RDONLY)
+    started = time.perf_counter()
+    got = 0
+    while got < size:
+        count = os.readv(fd, [view[got : got + CHUNK]])
+        if not count:
+            raise OSError(f"{path} shrank while it was read")
+        got += count
+    elapsed = time.perf_counter() - started
+    os.close(fd)
+    view.release()
+    into.close()
+    return size / 1e6 / elapsed
+
+
+def raw_ping_pong(count: int, size: int = 64) -> dict:
+    """Round trips of `size` octets over a socketpair: p50 and p99 in µs."""
+    ours, theirs = socket.socketpair()
+    peer = _peer("pong", theirs.fileno(), count, size, pass_fds=[theirs.fileno()])
+    theirs.close()
+    message = bytes(size)
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter_ns()
+        ours.sendall(message)
+        ours.recv(size, socket.MSG_WAITALL)
+        samples.append((time.perf_counter_ns() - started) / 1e3)
+    peer.communicate()
+    ours.close()
+    return {"p50_us": percentile(samples, 0.5), "p99_us": percentile(samples, 0.99)}
+
+
+def pong(fd: int, count: int, size: int) -> None:
+    sock = socket.socket(fileno=fd)
+    for _ in range(count):
+        sock.sendall(sock.recv(size, socket.MSG_WAITALL))
+    sock.close()
+
+
+def percentile(samples: list[float], q: float) -> float:
+    if q == 0.5:
+        return round(statistics.median(samples), 1)
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+if __name__ == "__main__":
+    role, numbers = sys.argv[1], [int(a) for a in sys.argv[2:]]
+    {"receive": receive, "pong": pong}[role](*numbers)

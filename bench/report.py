@@ -1,0 +1,214 @@
+"""`ferry bench`: ferry's speed as ratios to what this machine does without it.
+
+Five measurements, each next to its baseline from the same run:
+
+    stream      live migration of an idle, filled domain between two daemons
+                on loopback (MB/s of the helper's stream)   vs  raw_stream
+    rpc         precopy_policy round trip, helper to the trio toolstack,
+                p50/p99                                     vs  raw_ping_pong
+                and the share of precopy the helper spent waiting for answers
+    downtime    a domain dirtying 5,000 pages/s, converge policy, 300 ms limit
+    restore     a save file restored from the page cache    vs  raw_read
+    helper_rss  the save helper's peak RSS saving a 4 GiB domain
+
+The JSON report goes to bench-report.json; the table (or, with --json, the
+JSON) to stdout.  --quick uses small domains: a smoke test, not a report.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from . import baselines, measure
+from .rpc_round_trips import rpc_round_trips
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+FULL = {
+    "stream_bytes": 2 * GiB,
+    "downtime_bytes": 1 * GiB,
+    "restore_bytes": 2 * GiB,
+    "rss_bytes": 4 * GiB,
+    "rpcs": 5000,
+}
+QUICK = {
+    "stream_bytes": 256 * MiB,
+    "downtime_bytes": 256 * MiB,
+    "restore_bytes": 256 * MiB,
+    "rss_bytes": 512 * MiB,
+    "rpcs": 1000,
+}
+DIRTY_RATE = 5000.0  # pages/s for the downtime measurement
+DOWNTIME_LIMIT = 300.0  # ms
+
+# (section, key, comparison, target): what issue 7 asks of this 2-core machine
+TARGETS = [
+    ("stream", "ratio", ">=", 0.6),
+    ("restore", "ratio", ">=", 0.6),
+    ("rpc", "p50_us", "<=", 60.0),
+    ("rpc", "share_of_precopy", "<=", 0.03),
+    ("downtime", "ratio", "<=", 1.0),
+    ("helper_rss", "peak_rss_bytes", "<=", 128 * MiB),
+]
+
+
+def run_bench(quick: bool) -> dict:
+    sizes = QUICK if quick else FULL
+    report: dict = {"machine": {"cpus": os.cpu_count()}, "quick": quick}
+    with measure.Hosts() as hosts:
+        report["stream"], migration = bench_stream(hosts, sizes["stream_bytes"])
+        report["rpc"] = bench_rpc(sizes["rpcs"], migration)
+        report["downtime"] = bench_downtime(hosts, sizes["downtime_bytes"])
+        report["restore"] = bench_restore(hosts, sizes["restore_bytes"])
+        report["helper_rss"] = bench_helper_rss(hosts, sizes["rss_bytes"])
+    report["targets"] = check_targets(report)
+    return report
+
+
+def bench_stream(hosts, memory: int) -> tuple[dict, dict]:
+    measure.create(hosts, measure.SOURCE, "stream", memory)
+    measure.fill(hosts, measure.SOURCE, "stream")
+    migration = measure.migrate(hosts, "stream", "converge", {})
+    measure.destroy(hosts, measure.DESTINATION, "stream")
+    sent = migration["bytes_sent"]
+    ferry = sent / 1e6 / (migration["stream_ms"] / 1e3)
+    raw = baselines.raw_stream(sent)
+    return {
+        "guest_bytes": memory,
+        "bytes": sent,
+        "ferry_mb_s": round(ferry, 1),
+        "raw_mb_s": round(raw, 1),
+        "ratio": round(ferry / raw, 3),
+        "job_mb_s": round(sent / 1e6 / (migration["elapsed_ms"] / 1e3), 1),
+        "downtime_ms": migration["downtime_ms"],
+    }, migration
+
+
+def bench_rpc(count: int, migration: dict) -> dict:
+    alone = trio.run(rpc_round_trips, count)
+    raw = baselines.raw_ping_pong(count)
+    return {
+        "p50_us": alone["p50_us"],
+        "p99_us": alone["p99_us"],
+        "raw_p50_us": raw["p50_us"],
+        "raw_p99_us": raw["p99_us"],
+        "share_of_precopy": migration["policy_share_of_precopy"],
+        "in_migration_p50_us": migration["policy_rpc_p50_us"],
+        "in_migration_p99_us": migration["policy_rpc_p99_us"],
+        "calls": count,
+    }
+
+
+def bench_downtime(hosts, memory: int) -> dict:
+    measure.create(hosts, measure.SOURCE, "busy", memory, dirty_rate=DIRTY_RATE)
+    measure.unpause(hosts, measure.SOURCE, "busy")
+    settings = {"downtime_limit": DOWNTIME_LIMIT}
+    migration = measure.migrate(hosts, "busy", "converge", settings)
+    measure.destroy(hosts, measure.DESTINATION, "busy")
+    return {
+        "dirty_pages_s": DIRTY_RATE,
+        "limit_ms": DOWNTIME_LIMIT,
+        "measured_ms": migration["downtime_ms"],
+        "ratio": round(migration["downtime_ms"] / DOWNTIME_LIMIT, 3),
+        "expected_ms": migration["expected_downtime_ms"],
+        "iterations": len(migration["iterations"]),
+    }
+
+
+def bench_restore(hosts, memory: int) -> dict:
+    path = os.path.join(hosts.root, "restore.save")
+    measure.create(hosts, measure.SOURCE, "saved", memory)
+    measure.fill(hosts, measure.SOURCE, "saved")
+    measure.save(hosts, measure.SOURCE, "saved", path)
+    try:
+        size = os.path.getsize(path)
+        raw = baselines.raw_read(path)  # also leaves the file in the page cache
+        job, wall_s = measure.restore(hosts, measure.SOURCE, path, "restored")
+        measure.destroy(hosts, measure.SOURCE, "restored")
+    finally:
+        os.unlink(path)
+    ferry = size / 1e6 / (job["stream_ms"] / 1e3)
+    return {
+        "file_bytes": size,
+        "ferry_mb_s": round(ferry, 1),
+        "raw_mb_s": round(raw, 1),
+        "ratio": round(ferry / raw, 3),
+        "command_mb_s": round(size / 1e6 / wall_s, 1),
+        "helper_peak_rss_bytes": job["helper_peak_rss"],
+    }
+
+
+def bench_helper_rss(hosts, memory: int) -> dict:
+    path = os.path.join(hosts.root, "rss.save")
+    measure.create(hosts, measure.SOURCE, "large", memory)
+    measure.fill(hosts, measure.SOURCE, "large")
+    try:
+        job = measure.save(hosts, measure.SOURCE, "large", path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return {
+        "guest_bytes": memory,
+        "peak_rss_bytes": job["helper_peak_rss"],
+        "ratio": round(job["helper_peak_rss"] / memory, 4),
+    }
+
+
+def check_targets(report: dict) -> list[dict]:
+    results = []
+    for section, key, comparison, target in TARGETS:
+        value = report[section][key]
+        met = value is not None and (value >= target if comparison == ">=" else value <= target)
+        results.append(
+            {
+                "measure": f"{section}.{key}",
+                "value": value,
+                "target": f"{comparison} {target}",
+                "met": met,
+            }
+        )
+    return results
+
+
+def print_table(report: dict) -> None:
+    s, r, d, rs, m = (report[k] for k in ("stream", "rpc", "downtime", "restore", "helper_rss"))
+    rows = [
+        ("stream", f"{s['ferry_mb_s']:.0f} MB/s", f"{s['raw_mb_s']:.0f} MB/s raw TCP", s["ratio"]),
+        (
+            "policy RPC p50",
+            f"{r['p50_us']:.0f} us",
+            f"{r['raw_p50_us']:.0f} us socketpair",
+            round(r["p50_us"] / r["raw_p50_us"], 2),
+        ),
+        (
+            "policy RPC p99",
+            f"{r['p99_us']:.0f} us",
+            f"{r['raw_p99_us']:.0f} us socketpair",
+            round(r["p99_us"] / r["raw_p99_us"], 2),
+        ),
+        ("policy wait", f"{100 * r['share_of_precopy']:.1f}% of precopy", "", ""),
+        ("downtime", f"{d['measured_ms']:.0f} ms", f"{d['limit_ms']:.0f} ms limit", d["ratio"]),
+        (
+            "restore",
+            f"{rs['ferry_mb_s']:.0f} MB/s",
+            f"{rs['raw_mb_s']:.0f} MB/s raw read",
+            rs["ratio"],
+        ),
+        (
+            "helper peak RSS",
+            f"{m['peak_rss_bytes'] / MiB:.0f} MiB",
+            f"{m['guest_bytes'] / GiB:g} GiB guest",
+            m["ratio"],
+        ),
+    ]
+    print(f"{'':<16} {'ferry':>20} {'baseline':>26} {'ratio':>7}")
+    for name, ours, base, ratio in rows:
+        print(f"{name:<16} {ours:>20} {base:>26} {ratio!s:>7}")
+    print()
+    for t in report["targets"]:
+        print(
+            f"{'met ' if t['met'] else 'MISSED'} {t['measure']:<26} {t['value']!s:>12} (target {t['target']})"
+        )
