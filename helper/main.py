@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import resource
 import select
 import sys
 import threading
@@ -133,8 +132,17 @@ def run_job(args) -> int:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set in octets (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set in octets: VmHWM, the high-water
+    mark of its own memory.  Not getrusage's ru_maxrss, which carries over
+    the forking parent's peak across exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0  # unknown (no procfs)
 
 
 def fail(link: ToolstackLink, context: str, errnoval: int, message: str) -> int:

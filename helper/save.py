@@ -200,6 +200,9 @@ class Saver:
             else:
                 views.append(self.memory.page_view(first, count))
         written = self.writer.writev(libxc.encode_page_data(pfns, views))
+        del views  # the kernel has copied the pages; let go of the mapping too
+        first, end = int(pfns[0]), int(pfns[-1]) + 1
+        self.memory.unmap(first, end - first)
         p = self.progress
         p.iter_written += len(pfns)
         p.total_written += len(pfns)

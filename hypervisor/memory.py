@@ -46,6 +46,13 @@ class GuestMemory:
         except OSError:
             pass
 
+    def unmap(self, first: int, count: int) -> None:
+        """Drop this process's page-table entries for pages first..first+count-1
+        (MADV_DONTNEED).  The memfd keeps the data: the pages are shared, so
+        this only stops them counting in this process's RSS, which would
+        otherwise grow to the guest's size as a save helper reads it all."""
+        self.map.madvise(mmap.MADV_DONTNEED, first * PAGE_SIZE, count * PAGE_SIZE)
+
     def data_extents(self) -> list[tuple[int, int]]:
         """(first page, end page) of every stretch of allocated RAM.  The rest
         are holes: pages never written, zero, and not worth faulting in."""

@@ -408,3 +408,18 @@ def test_the_helper_outlives_the_thread_that_forked_it_and_dies_with_the_toolsta
             helper.kill()
             helper.wait()
         os.close(stream_read)
+
+
+async def test_the_save_helper_does_not_keep_the_guest_it_has_sent_resident(host, short_tmp):
+    """A helper that kept every page it read mapped would grow to the guest's
+    size (VmHWM counts shared pages); it lets go after each batch."""
+    from hypervisor import RunnerClient
+
+    domain = await host.create(config(memory=256 * MiB), paused=True)
+    with RunnerClient(domain.control_path) as runner:
+        ram = runner.map_guest_memory(writable=True)
+        ram.bytes[:] = 0x5A  # every page holds data
+        ram.close()
+    stats = await save_to_file(host, domain, os.path.join(short_tmp, "vm.save"))
+    assert stats.pages_sent == 256 * MiB // 4096
+    assert 8 * MiB < stats.helper_peak_rss < 128 * MiB
