@@ -14,13 +14,19 @@ from protocol import _gen_helper_msgs as msgs
 from ._gen_stubs import ToolstackStubs
 
 LOG_ERROR, LOG_WARNING, LOG_INFO, LOG_DEBUG = 3, 4, 6, 7
+# A policy answer takes tens of microseconds when a CPU is free for the
+# toolstack: wait that long for it without sleeping (see SyncChannel).
+REPLY_SPIN_NS = 150_000
 
 
 class ToolstackLink(ToolstackStubs):
     def __init__(self, fd: int) -> None:
         sock = socket.socket(fileno=fd)
         sock.setblocking(True)
-        super().__init__(SyncChannel(sock, msgs.TABLE, sends=msgs.DIRECTION, receives=None))
+        channel = SyncChannel(
+            sock, msgs.TABLE, sends=msgs.DIRECTION, receives=None, spin_ns=REPLY_SPIN_NS
+        )
+        super().__init__(channel)
 
     def say(self, level: int, context: str, message: str, errnoval: int = 0) -> None:
         self.log(level, errnoval, context, message)

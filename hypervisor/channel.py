@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from protocol import NEED_DATA, Call, ErrorReply, Reply, RpcConnection
 
@@ -22,10 +23,30 @@ class ChannelClosed(RpcError):
 
 
 class SyncChannel:
-    def __init__(self, sock: socket.socket, table, sends: str | None, receives: str | None):
+    """`spin_ns` > 0: wait for a reply by polling the socket for up to that
+    long before sleeping in recv, as long as replies keep coming within it.
+
+    On a virtual machine a process that sleeps takes tens of microseconds
+    to wake, so a caller whose replies are due within microseconds (the
+    helper asking its policy) keeps its CPU instead.  A socket wake-up tends
+    to put the answering process on this CPU, expecting the caller to
+    sleep, so every poll yields the CPU to it.  A reply later than `spin_ns`
+    (the CPUs are busy anyway) switches spinning off until one comes within
+    it again."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        table,
+        sends: str | None,
+        receives: str | None,
+        spin_ns: int = 0,
+    ):
         self.sock = sock
         self.conn = RpcConnection(table, sends=sends, receives=receives)
         self.fds: list[int] = []
+        self.spin_ns = spin_ns
+        self.spinning = spin_ns > 0  # whether the next wait for a reply starts by polling
 
     def close(self) -> None:
         for fd in self.fds:
@@ -57,11 +78,26 @@ class SyncChannel:
             event = self.conn.next_event()
             if event is not NEED_DATA:
                 return event
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, max(self.conn.wanted, 65536), 4)
-            self.fds.extend(fds)
+            data = self._receive(max(self.conn.wanted, 65536))
             if not data:
                 raise ChannelClosed("the other end closed the channel")
             self.conn.receive_data(data)
+
+    def _receive(self, size: int) -> bytes:
+        if self.spinning:
+            deadline = time.monotonic_ns() + self.spin_ns
+            while time.monotonic_ns() < deadline:
+                try:
+                    return self.sock.recv(size, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    os.sched_yield()  # a toolstack woken onto this CPU runs now
+            self.spinning = False  # too slow to be worth a CPU: sleep from now on
+        started = time.monotonic_ns()
+        data, fds, _flags, _addr = socket.recv_fds(self.sock, size, 4)
+        self.fds.extend(fds)
+        if self.spin_ns and time.monotonic_ns() - started < self.spin_ns:
+            self.spinning = True  # answers are quick again
+        return data
 
     def take_fd(self) -> int:
         if not self.fds:
