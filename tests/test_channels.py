@@ -96,3 +96,44 @@ async def test_the_direct_send_to_a_closed_peer_is_a_broken_resource():
             await channel.send(b"anyone there?")
     finally:
         await channel.aclose()
+
+
+SLICE_PROBE = """
+import os, subprocess
+from toolstack.sched import request_short_slice
+
+def slice_of(pid):
+    for line in open(f"/proc/{pid}/sched"):
+        if line.startswith("se.slice"):
+            return int(line.split(":")[1])
+    return None
+
+before = slice_of(os.getpid())
+taken = request_short_slice()
+child = subprocess.Popen(["sleep", "5"])
+try:
+    import time; time.sleep(0.1)
+    print(taken, before, slice_of(os.getpid()), slice_of(child.pid), os.getpriority(os.PRIO_PROCESS, 0))
+finally:
+    child.kill(); child.wait()
+"""
+
+
+def test_ferryd_asks_for_a_short_slice_that_its_children_do_not_inherit():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        ["nice", "-n", "3", sys.executable, "-c", SLICE_PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    taken, before, after, child, nice = out
+    if taken != "True" or before == "None":
+        pytest.skip(
+            "this kernel has no per-task time slice (sched_setattr sched_runtime, Linux 6.12)"
+        )
+    assert int(after) == 100_000 < int(before)
+    assert int(child) == int(before)  # helpers and runners keep the default slice
+    assert nice == "3"  # the operator's nice value survives

@@ -26,6 +26,7 @@ from .control_api import ControlApi
 from .domains import Host
 from .jobs import Job
 from .migrate import migrate_receive, parse_address
+from .sched import request_short_slice
 from .stats import JobStats
 from .wire import ConnectionLost, read_frame, send_frame
 
@@ -187,6 +188,7 @@ def main(argv=None) -> int:
         )
         return 2
     key = read_key(args.auth_key) if args.auth_key else None
+    request_short_slice()  # answer helpers promptly even when the CPUs are busy
     try:
         daemon = Daemon(args.state_dir, args.control, args.listen, key)
         trio.run(daemon.run)
