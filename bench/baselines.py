@@ -8,7 +8,9 @@ Python like ferry itself, measured in the same run:
                     another process into a fresh mmap
     raw_read        a file read into a fresh mmap
     raw_ping_pong   64-octet messages bounced over a socketpair between
-                    two processes
+                    two processes; optionally with the pinging side busy
+                    for a while before each (as a helper writing a batch),
+                    so the other side has gone to sleep when it is pinged
 
 The far ends run in their own processes (`python -m bench.baselines ...`),
 as ferry's helpers do.
@@ -106,14 +108,18 @@ def raw_read(path: str) -> float:
     return size / 1e6 / elapsed
 
 
-def raw_ping_pong(count: int, size: int = 64) -> dict:
-    """Round trips of `size` octets over a socketpair: p50 and p99 in µs."""
+def raw_ping_pong(count: int, size: int = 64, busy_us: float = 0.0) -> dict:
+    """Round trips of `size` octets over a socketpair: p50 and p99 in µs.
+    With `busy_us`, this side computes that long before each ping."""
     ours, theirs = socket.socketpair()
     peer = _peer("pong", theirs.fileno(), count, size, pass_fds=[theirs.fileno()])
     theirs.close()
     message = bytes(size)
     samples = []
     for _ in range(count):
+        busy_until = time.perf_counter_ns() + busy_us * 1000
+        while time.perf_counter_ns() < busy_until:
+            pass
         started = time.perf_counter_ns()
         ours.sendall(message)
         ours.recv(size, socket.MSG_WAITALL)
