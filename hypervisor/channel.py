@@ -54,6 +54,10 @@ class SyncChannel:
         self.fds.clear()
         self.sock.close()
 
+    def send_call(self, message) -> None:
+        """Send a call without waiting for its reply: collect it with `reply_to`."""
+        self.send(self.conn.send_call(message))
+
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         if fds:
             socket.send_fds(self.sock, [data], fds)
@@ -65,6 +69,11 @@ class SyncChannel:
         self.send(self.conn.send_call(message))
         if not message.SPEC.wants_reply:
             return None
+        return self.reply_to(message)
+
+    def reply_to(self, message):
+        """Block for the reply to `message`, sent earlier with `send_call`
+        (the caller did other work meanwhile), and return its value."""
         event = self.next_event()
         if isinstance(event, ErrorReply):
             raise RpcError(f"{message.SPEC.name}: {event.text}")

@@ -203,8 +203,8 @@ def run_demo(hosts: Hosts, args, backend: str, memory: int) -> dict:
         "downtime_ms": report["downtime_ms"],
         "verify_ms": report.get("verify_ms"),
         "policy_rpcs": report["policy_rpcs"],
-        "policy_rpc_p50_us": report["policy_rpc_p50_us"],
-        "policy_rpc_p99_us": report["policy_rpc_p99_us"],
+        "policy_wait_p50_us": report["policy_wait_p50_us"],
+        "policy_wait_p99_us": report["policy_wait_p99_us"],
         "throughput_mb_s": round(report["bytes_sent"] / 1e6 / total_s, 1) if total_s else None,
         "integrity": report.get("integrity", "mismatch"),
         "decision": report["decision"],
@@ -226,7 +226,7 @@ def print_summary(r: dict) -> None:
         f"  downtime:        {r['downtime_ms']:.1f} ms (integrity check of {r['verify_ms'] or 0:.0f} ms excluded)"
     )
     print(
-        f"  policy RPCs:     {r['policy_rpcs']} (p50 {r['policy_rpc_p50_us']} us, p99 {r['policy_rpc_p99_us']} us)"
+        f"  policy RPCs:     {r['policy_rpcs']} (wait p50 {r['policy_wait_p50_us']} us, p99 {r['policy_wait_p99_us']} us)"
     )
     print(f"  decision:        {r['decision']}")
     print(

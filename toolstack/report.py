@@ -53,7 +53,7 @@ def print_job(job: dict, policy: str | None = None, settings: dict | None = None
         ("Downtime", _ms(job["downtime_ms"])),
         (
             "Policy RPCs",
-            f"{job['policy_rpcs']} (p50 {job['policy_rpc_p50_us']} us, p99 {job['policy_rpc_p99_us']} us)",
+            f"{job['policy_rpcs']} (wait p50 {job['policy_wait_p50_us']} us, p99 {job['policy_wait_p99_us']} us)",
         ),
         ("Policy wait", _share(job.get("policy_share_of_precopy"))),
         ("Helper peak RSS", _mib(job.get("helper_peak_rss"))),

@@ -2,7 +2,7 @@
 
 Modelled on `virsh domjobinfo`: phase, time elapsed, memory processed and
 remaining, dirty rate, bandwidth, expected and measured downtime, plus the
-per-iteration counts and the policy RPC's count and latency.
+per-iteration counts and how long the helper waited for policy answers.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class JobStats:
     suspended_ns: int | None = None
     resumed_ns: int | None = None  # destination unpaused (or the save finished)
     policy_calls: int = 0
-    policy_latencies_us: list[float] = field(default_factory=list)  # helper-measured round trips
+    # How long the helper was blocked for each answer, as it timed it: the
+    # round trip less whatever it prepared meanwhile (the next batch).
+    policy_waits_us: list[float] = field(default_factory=list)
     policy_wait_ns: int = 0  # the helper's time waiting for answers, as of its last call
     precopy_ns: int = 0  # the helper's stream start to its last policy call
     helper_peak_rss: int | None = None  # VmHWM of the helper when it completed
@@ -62,8 +64,8 @@ class JobStats:
         """From a precopy_policy call: the helper's counters after a batch."""
         self.estimate.update(stats)
         self.stream_start_ns = stats.stream_start_ns
-        if self.policy_calls:  # the previous call's round trip, as the helper timed it
-            self.policy_latencies_us.append((stats.policy_wait_ns - self.policy_wait_ns) / 1e3)
+        if self.policy_calls:  # the previous call's wait, as the helper timed it
+            self.policy_waits_us.append((stats.policy_wait_ns - self.policy_wait_ns) / 1e3)
         self.policy_calls += 1
         self.policy_wait_ns = stats.policy_wait_ns
         self.precopy_ns = stats.time_ns - stats.stream_start_ns
@@ -150,8 +152,8 @@ class JobStats:
             "stream_ms": _round(self.stream_ms),
             "iterations": [vars(it) for it in self.iterations],
             "policy_rpcs": self.policy_calls,
-            "policy_rpc_p50_us": _round(percentile(self.policy_latencies_us, 0.5)),
-            "policy_rpc_p99_us": _round(percentile(self.policy_latencies_us, 0.99)),
+            "policy_wait_p50_us": _round(percentile(self.policy_waits_us, 0.5)),
+            "policy_wait_p99_us": _round(percentile(self.policy_waits_us, 0.99)),
             "policy_share_of_precopy": self.policy_share_of_precopy,
             "helper_peak_rss": self.helper_peak_rss,
             "decision": self.decision,
