@@ -41,6 +41,7 @@ QUICK = {
     "rss_bytes": 512 * MiB,
     "rpcs": 1000,
 }
+ROUNDS = 2  # a full run measures each throughput and latency this often
 DIRTY_RATE = 5000.0  # pages/s for the downtime measurement
 DOWNTIME_LIMIT = 300.0  # ms
 
@@ -56,51 +57,71 @@ TARGETS = [
 
 
 def run_bench(quick: bool) -> dict:
+    """Throughputs and latencies are measured `rounds` times, ferry and its
+    baseline alternating, and each side's best is compared: a first touch
+    of fresh memory on this VM, or a noisy neighbour, then weighs on
+    neither side alone.  Every sample is in the report."""
     sizes = QUICK if quick else FULL
-    report: dict = {"machine": {"cpus": os.cpu_count()}, "quick": quick}
+    rounds = 1 if quick else ROUNDS
+    report: dict = {"machine": {"cpus": os.cpu_count()}, "quick": quick, "rounds": rounds}
     with measure.Hosts() as hosts:
-        report["stream"], migration = bench_stream(hosts, sizes["stream_bytes"])
-        report["rpc"] = bench_rpc(sizes["rpcs"], migration)
+        report["stream"], migration = bench_stream(hosts, sizes["stream_bytes"], rounds)
+        report["rpc"] = bench_rpc(sizes["rpcs"], migration, rounds)
         report["downtime"] = bench_downtime(hosts, sizes["downtime_bytes"])
-        report["restore"] = bench_restore(hosts, sizes["restore_bytes"])
+        report["restore"] = bench_restore(hosts, sizes["restore_bytes"], rounds)
         report["helper_rss"] = bench_helper_rss(hosts, sizes["rss_bytes"])
     report["targets"] = check_targets(report)
     return report
 
 
-def bench_stream(hosts, memory: int) -> tuple[dict, dict]:
-    measure.create(hosts, measure.SOURCE, "stream", memory)
-    measure.fill(hosts, measure.SOURCE, "stream")
-    migration = measure.migrate(hosts, "stream", "converge", {})
-    measure.destroy(hosts, measure.DESTINATION, "stream")
-    sent = migration["bytes_sent"]
-    ferry = sent / 1e6 / (migration["stream_ms"] / 1e3)
-    raw = baselines.raw_stream(sent)
+def stream_migration(hosts, name: str, memory: int) -> dict:
+    measure.create(hosts, measure.SOURCE, name, memory)
+    measure.fill(hosts, measure.SOURCE, name)
+    migration = measure.migrate(hosts, name, "converge", {})
+    measure.destroy(hosts, measure.DESTINATION, name)
+    migration["mb_s"] = migration["bytes_sent"] / 1e3 / migration["stream_ms"]
+    return migration
+
+
+def bench_stream(hosts, memory: int, rounds: int) -> tuple[dict, dict]:
+    """Returns the section and the fastest migration's report."""
+    migrations, raws = [], []
+    for index in range(rounds):
+        migrations.append(stream_migration(hosts, f"stream{index}", memory))
+        raws.append(baselines.raw_stream(migrations[-1]["bytes_sent"]))
+    best = max(migrations, key=lambda m: m["mb_s"])
+    raw = max(raws)
     return {
         "guest_bytes": memory,
-        "bytes": sent,
-        "ferry_mb_s": round(ferry, 1),
+        "bytes": best["bytes_sent"],
+        "ferry_mb_s": round(best["mb_s"], 1),
         "raw_mb_s": round(raw, 1),
-        "ratio": round(ferry / raw, 3),
-        "job_mb_s": round(sent / 1e6 / (migration["elapsed_ms"] / 1e3), 1),
-        "downtime_ms": migration["downtime_ms"],
-    }, migration
+        "ratio": round(best["mb_s"] / raw, 3),
+        "job_mb_s": round(best["bytes_sent"] / 1e3 / best["elapsed_ms"], 1),
+        "downtime_ms": best["downtime_ms"],
+        "ferry_samples_mb_s": [round(m["mb_s"], 1) for m in migrations],
+        "raw_samples_mb_s": [round(r, 1) for r in raws],
+    }, best
 
 
-def bench_rpc(count: int, migration: dict) -> dict:
-    """The round trip alone, and during the stream migration.  During it the
-    toolstack sleeps through each batch and must be woken for every call;
-    the raw ping-pong after as long a busy spell shows what that costs
-    without ferry."""
-    alone = trio.run(rpc_round_trips, count)
-    raw = baselines.raw_ping_pong(count)
+def bench_rpc(count: int, migration: dict, rounds: int) -> dict:
+    """The round trip alone (best p50 of `rounds`), and during the fastest
+    stream migration, where the toolstack sleeps through each batch and must
+    be woken for every call: the raw ping-pong after as long a busy spell
+    shows what that costs without ferry."""
+    alone, raw = [], []
+    for _ in range(rounds):
+        alone.append(trio.run(rpc_round_trips, count))
+        raw.append(baselines.raw_ping_pong(count))
+    best = min(alone, key=lambda r: r["p50_us"])
+    best_raw = min(raw, key=lambda r: r["p50_us"])
     batch_us = migration["stream_ms"] * 1000 / migration["policy_rpcs"]
     raw_after_batch = baselines.raw_ping_pong(min(count, 300), busy_us=batch_us)
     return {
-        "p50_us": alone["p50_us"],
-        "p99_us": alone["p99_us"],
-        "raw_p50_us": raw["p50_us"],
-        "raw_p99_us": raw["p99_us"],
+        "p50_us": best["p50_us"],
+        "p99_us": best["p99_us"],
+        "raw_p50_us": best_raw["p50_us"],
+        "raw_p99_us": best_raw["p99_us"],
         "share_of_precopy": migration["policy_share_of_precopy"],
         "in_migration_wait_p50_us": migration["policy_wait_p50_us"],
         "in_migration_wait_p99_us": migration["policy_wait_p99_us"],
@@ -108,6 +129,8 @@ def bench_rpc(count: int, migration: dict) -> dict:
         "raw_p50_after_batch_us": raw_after_batch["p50_us"],
         "raw_share_of_precopy": round(raw_after_batch["p50_us"] / batch_us, 4),
         "calls": count,
+        "p50_samples_us": [r["p50_us"] for r in alone],
+        "raw_p50_samples_us": [r["p50_us"] for r in raw],
     }
 
 
@@ -127,26 +150,31 @@ def bench_downtime(hosts, memory: int) -> dict:
     }
 
 
-def bench_restore(hosts, memory: int) -> dict:
+def bench_restore(hosts, memory: int, rounds: int) -> dict:
     path = os.path.join(hosts.root, "restore.save")
     measure.create(hosts, measure.SOURCE, "saved", memory)
     measure.fill(hosts, measure.SOURCE, "saved")
     measure.save(hosts, measure.SOURCE, "saved", path)
+    restores, raws = [], []
     try:
         size = os.path.getsize(path)
-        raw = baselines.raw_read(path)  # also leaves the file in the page cache
-        job, wall_s = measure.restore(hosts, measure.SOURCE, path, "restored")
-        measure.destroy(hosts, measure.SOURCE, "restored")
+        for _ in range(rounds):
+            raws.append(baselines.raw_read(path))  # the first also fills the page cache
+            job, wall_s = measure.restore(hosts, measure.SOURCE, path, "restored")
+            measure.destroy(hosts, measure.SOURCE, "restored")
+            restores.append((size / 1e3 / job["stream_ms"], size / 1e6 / wall_s))
     finally:
         os.unlink(path)
-    ferry = size / 1e6 / (job["stream_ms"] / 1e3)
+    ferry, command = max(restores)
+    raw = max(raws)
     return {
         "file_bytes": size,
         "ferry_mb_s": round(ferry, 1),
         "raw_mb_s": round(raw, 1),
         "ratio": round(ferry / raw, 3),
-        "command_mb_s": round(size / 1e6 / wall_s, 1),
-        "helper_peak_rss_bytes": job["helper_peak_rss"],
+        "command_mb_s": round(command, 1),
+        "ferry_samples_mb_s": [round(r[0], 1) for r in restores],
+        "raw_samples_mb_s": [round(r, 1) for r in raws],
     }
 
 
