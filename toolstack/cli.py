@@ -30,3 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ferry: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ferry ... | head`: the reader has all it wants
+        sys.stderr.close()  # nothing more to say, not even at exit
+        return 0

@@ -1,0 +1,72 @@
+"""`ferry bench`: the report's shape, its arithmetic, and a clean exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from bench.report import QUICK, TARGETS, check_targets
+from tests.conftest import processes_mentioning
+
+SECTIONS = {
+    "stream": {"ferry_mb_s", "raw_mb_s", "ratio"},
+    "rpc": {"p50_us", "p99_us", "raw_p50_us", "share_of_precopy"},
+    "downtime": {"limit_ms", "measured_ms", "ratio"},
+    "restore": {"ferry_mb_s", "raw_mb_s", "ratio"},
+    "helper_rss": {"guest_bytes", "peak_rss_bytes"},
+}
+
+
+def test_quick_bench_reports_every_measure_against_its_baseline(short_tmp):
+    output = os.path.join(short_tmp, "report.json")
+    before = set(os.listdir(tempfile.gettempdir()))
+    r = subprocess.run(
+        [sys.executable, "-m", "toolstack", "bench", "--quick", "--json", "--output", output],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    with open(output) as f:
+        assert json.load(f) == report  # the file and stdout say the same
+    for section, keys in SECTIONS.items():
+        assert keys <= set(report[section]), section
+    s, rs = report["stream"], report["restore"]
+    for part in (s, rs):
+        assert part["ferry_mb_s"] > 0 and part["raw_mb_s"] > 0
+        assert abs(part["ratio"] - part["ferry_mb_s"] / part["raw_mb_s"]) < 0.01
+    assert s["guest_bytes"] == QUICK["stream_bytes"] and s["bytes"] > s["guest_bytes"]
+    rpc = report["rpc"]
+    assert 0 < rpc["raw_p50_us"] and 0 < rpc["p50_us"] <= rpc["p99_us"]
+    assert 0 < rpc["share_of_precopy"] < 1
+    d = report["downtime"]
+    assert d["limit_ms"] == 300 and d["measured_ms"] > 0
+    m = report["helper_rss"]
+    assert m["guest_bytes"] == QUICK["rss_bytes"] and 8 << 20 < m["peak_rss_bytes"]
+    assert [t["measure"] for t in report["targets"]] == [f"{a}.{b}" for a, b, _, _ in TARGETS]
+    left = {d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("ferry-")}
+    assert not left, f"bench left {left} behind"
+    assert not processes_mentioning("ferry-demo-")
+
+
+def test_targets_are_judged_in_their_direction():
+    report = {
+        "stream": {"ratio": 0.59},
+        "restore": {"ratio": 0.6},
+        "rpc": {"p50_us": 60.0, "share_of_precopy": 0.031},
+        "downtime": {"ratio": None},
+        "helper_rss": {"peak_rss_bytes": 1},
+    }
+    met = {t["measure"]: t["met"] for t in check_targets(report)}
+    assert met == {
+        "stream.ratio": False,
+        "restore.ratio": True,
+        "rpc.p50_us": True,
+        "rpc.share_of_precopy": False,
+        "downtime.ratio": False,  # not measured is not met
+        "helper_rss.peak_rss_bytes": True,
+    }
