@@ -142,8 +142,9 @@ class Saver:
         views = self.prepare_batch(pfns[:MAX_BATCH_PAGES], sweep)
         for start in range(0, len(pfns), MAX_BATCH_PAGES):
             batch = pfns[start : start + MAX_BATCH_PAGES]
-            self.send_batch(batch, views)
-            self.link.begin_precopy_policy(self.policy_stats())
+            with self.link.channel.together():  # progress and the call: the toolstack wakes once
+                self.send_batch(batch, views)
+                self.link.begin_precopy_policy(self.policy_stats())
             # The next batch needs its pages mapped whatever the answer (a
             # final pass sends them too): map them while the toolstack decides.
             following = pfns[start + MAX_BATCH_PAGES : start + 2 * MAX_BATCH_PAGES]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import contextmanager
 
 from protocol import NEED_DATA, Call, ErrorReply, Reply, RpcConnection
 
@@ -47,6 +48,7 @@ class SyncChannel:
         self.fds: list[int] = []
         self.spin_ns = spin_ns
         self.spinning = spin_ns > 0  # whether the next wait for a reply starts by polling
+        self._held: list[bytes] | None = None  # frames kept for one write (`together`)
 
     def close(self) -> None:
         for fd in self.fds:
@@ -59,13 +61,30 @@ class SyncChannel:
         self.send(self.conn.send_call(message))
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        if self._held is not None and not fds:
+            self._held.append(data)
+            return
         if fds:
             socket.send_fds(self.sock, [data], fds)
         else:
             self.sock.sendall(data)
 
+    @contextmanager
+    def together(self):
+        """Frames sent within leave in one write at the end: the peer wakes
+        once for all of them instead of once each."""
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            if held:
+                self.sock.sendall(b"".join(held))
+
     def call(self, message):
         """Send `message`; when it wants a reply, block for it and return its value."""
+        if self._held is not None and message.SPEC.wants_reply:
+            raise RuntimeError(f"{message.SPEC.name} waits for a reply: not inside together()")
         self.send(self.conn.send_call(message))
         if not message.SPEC.wants_reply:
             return None

@@ -137,3 +137,30 @@ def test_ferryd_asks_for_a_short_slice_that_its_children_do_not_inherit():
     assert int(after) == 100_000 < int(before)
     assert int(child) == int(before)  # helpers and runners keep the default slice
     assert nice == "3"  # the operator's nice value survives
+
+
+def test_frames_sent_together_leave_in_one_write():
+    ours, theirs = socket.socketpair()
+    channel = SyncChannel(ours, hm.TABLE, sends=hm.DIRECTION, receives=None)
+    stats = hm.PrecopyStats(0, 1, -1, 1, 2, 3, 4, 5, 6, 0, 0)
+    try:
+        with channel.together():
+            channel.call(hm.Progress("save", "iteration 0", 1, 2))
+            channel.send_call(hm.PrecopyPolicy(stats))
+            theirs.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                theirs.recv(1)  # nothing left yet
+        theirs.setblocking(True)
+        conn = RpcConnection(hm.TABLE, sends=None, receives=hm.DIRECTION)
+        conn.receive_data(theirs.recv(65536))  # one read holds both, in order
+        assert conn.next_event().message == hm.Progress("save", "iteration 0", 1, 2)
+        assert conn.next_event().message == hm.PrecopyPolicy(stats)
+        assert conn.next_event() is NEED_DATA
+        theirs.sendall(conn.send_reply(hm.PrecopyDecision.CONTINUE_PRECOPY))
+        assert channel.reply_to(hm.PrecopyPolicy(stats)) == hm.PrecopyDecision.CONTINUE_PRECOPY
+        with pytest.raises(RuntimeError, match="waits for a reply"):
+            with channel.together():
+                channel.call(hm.Suspend())  # it would wait for an answer never asked
+    finally:
+        channel.close()
+        theirs.close()
