@@ -27,17 +27,14 @@ class ToolstackLink(ToolstackStubs):
             sock, msgs.TABLE, sends=msgs.DIRECTION, receives=None, spin_ns=REPLY_SPIN_NS
         )
         super().__init__(channel)
-        self._asked: msgs.PrecopyPolicy | None = None
 
     def begin_precopy_policy(self, stats: msgs.PrecopyStats) -> None:
         """precopy_policy in two halves, so the helper can work while the
         toolstack decides; `finish_precopy_policy` returns the answer."""
-        self._asked = msgs.PrecopyPolicy(stats)
-        self.channel.send_call(self._asked)
+        self.channel.send_call(msgs.PrecopyPolicy(stats))
 
     def finish_precopy_policy(self) -> msgs.PrecopyDecision:
-        asked, self._asked = self._asked, None
-        return self.channel.reply_to(asked)
+        return self.channel.reply_to(msgs.PrecopyPolicy)
 
     def say(self, level: int, context: str, message: str, errnoval: int = 0) -> None:
         self.log(level, errnoval, context, message)

@@ -91,8 +91,9 @@ class SyncChannel:
         return self.reply_to(message)
 
     def reply_to(self, message):
-        """Block for the reply to `message`, sent earlier with `send_call`
-        (the caller did other work meanwhile), and return its value."""
+        """Block for the reply to `message` (or to a call of its class), sent
+        earlier with `send_call` while the caller did other work meanwhile,
+        and return its value."""
         event = self.next_event()
         if isinstance(event, ErrorReply):
             raise RpcError(f"{message.SPEC.name}: {event.text}")
