@@ -7,6 +7,7 @@ import pytest
 from protocol._gen_helper_msgs import PrecopyDecision, PrecopyStats
 from toolstack.estimate import Estimator
 from toolstack.policies import ConvergePolicy, XenPolicy, make_policy
+from toolstack.stats import JobStats
 
 MS = 1_000_000
 CONTINUE, STOP, ABORT = (
@@ -29,7 +30,9 @@ class Steered:
         return self.policy.decide(batch, self.estimate)
 
 
-def stats(iteration=0, dirty=-1, written=1024, remaining=0, total_bytes=0, t_ms=0, total=None):
+def stats(
+    iteration=0, dirty=-1, written=1024, remaining=0, total_bytes=0, t_ms=0, total=None, wait_us=0
+):
     return PrecopyStats(
         iteration=iteration,
         total_written=total if total is not None else written,
@@ -41,7 +44,7 @@ def stats(iteration=0, dirty=-1, written=1024, remaining=0, total_bytes=0, t_ms=
         domain_pages=262144,
         time_ns=t_ms * MS,
         stream_start_ns=0,
-        policy_wait_ns=0,
+        policy_wait_ns=wait_us * 1000,
     )
 
 
@@ -156,3 +159,13 @@ def test_bandwidth_is_the_lower_of_the_window_and_the_whole_run():
     p.ask(stats(0, -1, total_bytes=100_000_000, t_ms=1000))
     p.ask(stats(0, -1, total_bytes=250_000_000, t_ms=1150))
     assert p.estimate.bandwidth == pytest.approx(250e6 / 1.15, rel=0.01)
+
+
+def test_job_stats_turn_the_helpers_wait_total_into_waits_per_call_and_a_share():
+    job = JobStats("save", "vm")
+    for t_ms, wait_us in [(10, 0), (20, 50), (30, 130), (40, 100), (50, 160)]:
+        job.record_batch(stats(t_ms=t_ms, wait_us=wait_us))
+    # 50, 80; the total running backwards (130 -> 100) is no wait; then 30 on from 130
+    assert job.policy_waits_us == [50.0, 80.0, 30.0]
+    assert job.policy_calls == 5 and job.policy_wait_ns == 160_000
+    assert job.policy_share_of_precopy == round(160_000 / (50 * MS), 4)

@@ -64,10 +64,13 @@ class JobStats:
         """From a precopy_policy call: the helper's counters after a batch."""
         self.estimate.update(stats)
         self.stream_start_ns = stats.stream_start_ns
-        if self.policy_calls:  # the previous call's wait, as the helper timed it
-            self.policy_waits_us.append((stats.policy_wait_ns - self.policy_wait_ns) / 1e3)
+        waited = stats.policy_wait_ns - self.policy_wait_ns
+        if self.policy_calls and waited >= 0:  # the previous call's wait, as the helper timed it
+            self.policy_waits_us.append(waited / 1e3)
+        # A helper whose running total goes backwards is wrong about it: keep
+        # what it reported before rather than a negative wait.
         self.policy_calls += 1
-        self.policy_wait_ns = stats.policy_wait_ns
+        self.policy_wait_ns = max(self.policy_wait_ns, stats.policy_wait_ns)
         self.precopy_ns = stats.time_ns - stats.stream_start_ns
         while len(self.iterations) <= stats.iteration:
             self.iterations.append(Iteration())
