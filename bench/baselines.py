@@ -21,10 +21,11 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
+
+from toolstack.stats import percentile
 
 PAGE = 4096
 CHUNK = 1024 * PAGE  # one sendmsg: as many pages as one ferry batch
@@ -126,7 +127,11 @@ def raw_ping_pong(count: int, size: int = 64, busy_us: float = 0.0) -> dict:
         samples.append((time.perf_counter_ns() - started) / 1e3)
     peer.communicate()
     ours.close()
-    return {"p50_us": percentile(samples, 0.5), "p99_us": percentile(samples, 0.99)}
+    # the same percentile as ferry's own round trips (toolstack.stats)
+    return {
+        "p50_us": round(percentile(samples, 0.5), 1),
+        "p99_us": round(percentile(samples, 0.99), 1),
+    }
 
 
 def pong(fd: int, count: int, size: int) -> None:
@@ -134,13 +139,6 @@ def pong(fd: int, count: int, size: int) -> None:
     for _ in range(count):
         sock.sendall(sock.recv(size, socket.MSG_WAITALL))
     sock.close()
-
-
-def percentile(samples: list[float], q: float) -> float:
-    if q == 0.5:
-        return round(statistics.median(samples), 1)
-    ordered = sorted(samples)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
 if __name__ == "__main__":

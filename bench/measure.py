@@ -9,11 +9,11 @@ page to hold data.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from hypervisor import RunnerClient
 from toolstack.demo import Hosts
+from toolstack.domains import domain_path
 
 SOURCE, DESTINATION = 0, 1
 
@@ -27,8 +27,7 @@ def create(hosts: Hosts, host: int, name: str, memory: int, dirty_rate: float = 
 def fill(hosts: Hosts, host: int, name: str) -> None:
     """Write every page of a paused domain, then let it run: a guest that
     has used all its RAM, so no page travels as a never-touched hole."""
-    state = os.path.join(hosts.root, ("host-a", "host-b")[host])
-    with RunnerClient(os.path.join(state, "domains", f"{name}.sock")) as runner:
+    with RunnerClient(domain_path(hosts.states[host], name, "sock")) as runner:
         ram = runner.map_guest_memory(writable=True)
         ram.bytes[:] = 0x5A
         ram.close()

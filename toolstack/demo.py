@@ -73,6 +73,7 @@ class Hosts:
     def __init__(self) -> None:
         self.root = tempfile.mkdtemp(prefix="ferry-demo-")
         self.procs: list[subprocess.Popen] = []
+        self.states: list[str] = []  # each daemon's state dir
         self.sockets: list[str] = []
 
     def __enter__(self):
@@ -97,6 +98,7 @@ class Hosts:
                 subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             )
             log.close()
+            self.states.append(state)
             self.sockets.append(os.path.join(state, "control.sock"))
         try:
             for proc, path in zip(self.procs, self.sockets, strict=True):

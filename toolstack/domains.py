@@ -142,6 +142,11 @@ class RunnerLink:
         await self.channel.aclose()
 
 
+def domain_path(state_dir: str, name: str, ext: str) -> str:
+    """A domain's file in a host's state dir: its runner's socket (sock), ..."""
+    return os.path.join(state_dir, "domains", f"{name}.{ext}")
+
+
 class Host:
     """The domains of one host (one state dir)."""
 
@@ -151,7 +156,7 @@ class Host:
         self.domains: dict[str, Domain] = {}
 
     def path(self, name: str, ext: str) -> str:
-        return os.path.join(self.state_dir, "domains", f"{name}.{ext}")
+        return domain_path(self.state_dir, name, ext)
 
     def get(self, name: str) -> Domain:
         try:
