@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from conftest import processes_mentioning
 
 from toolstack.client import DaemonError
 
@@ -220,6 +221,11 @@ def test_daemon_restart_reattaches_running_domains(cluster):
     listed = {d["name"]: d["state"] for d in a.request("list")["domains"]}
     assert listed == {"vm1": "running", "vm2": "paused"}
     assert_running_and_writing(a, "vm1")
+    # A re-attached runner is not this ferryd's child; destroy still returns
+    # only once it has exited, as it does for a runner the daemon started.
+    for name in ("vm1", "vm2"):
+        a.request("destroy", name=name)
+        assert processes_mentioning(os.path.join(a.state, "domains", name + ".sock")) == []
 
 
 def test_cli_errors_are_one_line(cluster, short_tmp):

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import select
+import signal
+import socket
+import struct
 import subprocess
 
 import trio
@@ -90,7 +94,9 @@ class Domain:
         self.host = host
         self.config = config
         self.busy: str | None = None  # the job that owns it right now (save, migrate...)
-        self.process: subprocess.Popen | None = None  # None when re-attached after a restart
+        # The runner's process, so that destroy can wait until it is gone:
+        # our child, or one an earlier toolstack started (re-attached).
+        self.process: subprocess.Popen | AdoptedRunner | None = None
         # An incoming domain destroys itself when its last client leaves
         # before it ran; this connection is the toolstack's claim on it.
         self.keeper: RunnerLink | None = None
@@ -140,6 +146,47 @@ class RunnerLink:
 
     async def __aexit__(self, *exc):
         await self.channel.aclose()
+
+
+class AdoptedRunner:
+    """A runner started by an earlier toolstack, watched through a pidfd.
+
+    It is not our child, so it cannot be waited for; a pidfd still says when
+    it has exited, and cannot come to name another process that reuses the pid.
+    Offers the part of Popen that destroy uses.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.pidfd_open(pid)
+
+    def poll(self) -> int | None:
+        readable, _, _ = select.select([self.fd], [], [], 0)
+        return 0 if readable else None
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        if self.fd >= 0:
+            select.select([self.fd], [], [])
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def peer_pid(stream: trio.SocketStream) -> int:
+    """The pid of the process at the other end of a unix socket (SO_PEERCRED)."""
+    creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return pid
 
 
 def domain_path(state_dir: str, name: str, ext: str) -> str:
@@ -241,7 +288,7 @@ class Host:
                     await trio.sleep(0.01)
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.wait()  # reaps a child; closes an adopted runner's pidfd
         self.forget(domain)
 
     def forget(self, domain: Domain) -> None:
@@ -266,13 +313,31 @@ class Host:
                 continue
             domain = Domain(self, config)
             try:
-                await domain.call("getinfo")
+                domain.process = await self._adopt_runner(domain)
             except ToolstackError:
                 self.forget(domain)  # its runner is gone
                 continue
             self.domains[config.name] = domain
             found.append(config.name)
         return found
+
+    async def _adopt_runner(self, domain: Domain) -> AdoptedRunner:
+        link = await domain.connect()
+        async with link:
+            try:
+                runner = AdoptedRunner(peer_pid(link.channel.stream))
+            except OSError as exc:
+                raise ToolstackError(
+                    f"domain {domain.name}: runner gone ({exc.strerror})"
+                ) from None
+            try:
+                # Answering after the pidfd was opened proves the pid was
+                # still the runner's, not a reused one.
+                await link.call("getinfo")
+            except BaseException:
+                runner.close()
+                raise
+        return runner
 
     async def info(self, domain: Domain) -> dict:
         info = await domain.call("getinfo")
