@@ -216,10 +216,15 @@ def test_daemon_restart_reattaches_running_domains(cluster):
     create(a, "vm1")
     create(a, "vm2", rate=0)
     a.request("pause", name="vm2")
+    create(a, "vm3")
     assert a.stop() == 0
+    vm3 = os.path.join(a.state, "domains", "vm3")
+    for pid in processes_mentioning(vm3 + ".sock"):  # dies while no ferryd watches
+        os.kill(pid, signal.SIGKILL)
     a.start()
     listed = {d["name"]: d["state"] for d in a.request("list")["domains"]}
     assert listed == {"vm1": "running", "vm2": "paused"}
+    assert not os.path.exists(vm3 + ".json") and not os.path.exists(vm3 + ".sock")
     assert_running_and_writing(a, "vm1")
     # A re-attached runner is not this ferryd's child; destroy still returns
     # only once it has exited, as it does for a runner the daemon started.
