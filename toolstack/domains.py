@@ -157,7 +157,6 @@ class AdoptedRunner:
     """
 
     def __init__(self, pid: int) -> None:
-        self.pid = pid
         self.fd = os.pidfd_open(pid)
 
     def poll(self) -> int | None:
