@@ -8,7 +8,12 @@ from . import render
 from .schema import load
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS = ("protocol/helper_msgs.toml", "protocol/runner_msgs.toml")
+SCHEMAS = (
+    "protocol/helper_msgs.toml",
+    "protocol/runner_msgs.toml",
+    "protocol/control_msgs.toml",
+    "protocol/migration_msgs.toml",
+)
 RENDERERS = {
     "models": render.models,
     "stubs": render.stubs,
@@ -23,7 +28,8 @@ def generate_all(root: Path = ROOT) -> dict[Path, str]:
     for rel in SCHEMAS:
         schema = load(root / rel)
         for kind, renderer in RENDERERS.items():
-            files[root / schema.outputs[kind]] = renderer(schema)
+            if kind in schema.outputs:
+                files[root / schema.outputs[kind]] = renderer(schema)
     return files
 
 

@@ -5,19 +5,27 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import math  # noqa: F401
+import re  # noqa: F401
+from dataclasses import dataclass, field  # noqa: F401
 from typing import ClassVar
 
-from protocol.errors import RemoteProtocolError
-from protocol.rpc import (
-    MessageSpec,
+from protocol.checks import (  # noqa: F401
     check_bool,
     check_bytes,
+    check_choice,
+    check_fields,
     check_float,
     check_int,
     check_list,
+    check_map,
+    check_multiple,
+    check_pattern,
+    check_scalar,
     check_str,
 )
+from protocol.errors import RemoteProtocolError
+from protocol.rpc import MessageSpec
 
 DIRECTION = "helper->toolstack"  # helper calls, toolstack answers
 REVERSE_DIRECTION = "toolstack->helper"
@@ -26,10 +34,6 @@ REVERSE_DIRECTION = "toolstack->helper"
 def _dec_none(value, where):
     if value is not None:
         raise RemoteProtocolError(f"{where}: expected nothing, got {type(value).__name__}")
-    return None
-
-
-def _enc_none(value):
     return None
 
 
@@ -51,10 +55,6 @@ def _dec_PrecopyDecision(value, where):
     return PrecopyDecision(value)
 
 
-def _enc_PrecopyDecision(value):
-    return int(value)
-
-
 @dataclass(frozen=True, slots=True)
 class PrecopyStats:
     """What the helper knows after a batch: enough to estimate bandwidth, dirty rate and downtime."""
@@ -70,6 +70,13 @@ class PrecopyStats:
     time_ns: int  # CLOCK_MONOTONIC when the batch was written
     stream_start_ns: int  # CLOCK_MONOTONIC when the helper began writing the stream
     policy_wait_ns: int  # time spent waiting for earlier precopy_policy answers (the difference between two calls' values is one round trip)
+
+    def to_wire(self):
+        return _enc_PrecopyStats(self)
+
+    @classmethod
+    def from_wire(cls, value, where: str = "PrecopyStats"):
+        return _dec_PrecopyStats(value, where)
 
 
 def _enc_PrecopyStats(value):
@@ -103,22 +110,30 @@ class Log:
     message: str
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return [self.level, self.errnoval, self.context, self.message]
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "log arguments", 4)
+    def from_args(cls, args):
+        check_list(args, "log", 4)
         return cls(
-            check_int(args[0], 'log.level', 0, 255),
-            check_int(args[1], 'log.errnoval', -9223372036854775808, 9223372036854775807),
-            check_str(args[2], 'log.context'),
-            check_str(args[3], 'log.message'),
+            check_int(args[0], "log" + ".level", 0, 255),
+            check_int(args[1], "log" + ".errnoval", -9223372036854775808, 9223372036854775807),
+            check_str(args[2], "log" + ".context"),
+            check_str(args[3], "log" + ".message"),
         )
 
 
+def _dec_Log_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_Log_reply(value):
+    return None
+
+
 Log.SPEC = MessageSpec(
-    1, 'log', DIRECTION, 'both', False, False, Log, _dec_none, _enc_none
+    1, 'log', DIRECTION, 'both', False, False, Log, _dec_Log_reply, _enc_Log_reply
 )
 
 
@@ -132,22 +147,30 @@ class Progress:
     total: int
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return [self.context, self.doing_what, self.done, self.total]
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "progress arguments", 4)
+    def from_args(cls, args):
+        check_list(args, "progress", 4)
         return cls(
-            check_str(args[0], 'progress.context'),
-            check_str(args[1], 'progress.doing_what'),
-            check_int(args[2], 'progress.done', 0, 18446744073709551615),
-            check_int(args[3], 'progress.total', 0, 18446744073709551615),
+            check_str(args[0], "progress" + ".context"),
+            check_str(args[1], "progress" + ".doing_what"),
+            check_int(args[2], "progress" + ".done", 0, 18446744073709551615),
+            check_int(args[3], "progress" + ".total", 0, 18446744073709551615),
         )
 
 
+def _dec_Progress_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_Progress_reply(value):
+    return None
+
+
 Progress.SPEC = MessageSpec(
-    2, 'progress', DIRECTION, 'both', False, False, Progress, _dec_none, _enc_none
+    2, 'progress', DIRECTION, 'both', False, False, Progress, _dec_Progress_reply, _enc_Progress_reply
 )
 
 
@@ -157,18 +180,26 @@ class Suspend:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "suspend arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "suspend", 0)
         return cls(
         )
 
 
+def _dec_Suspend_reply(value, where):
+    return check_bool(value, where)
+
+
+def _enc_Suspend_reply(value):
+    return value
+
+
 Suspend.SPEC = MessageSpec(
-    3, 'suspend', DIRECTION, 'save', True, False, Suspend, lambda v, w: check_bool(v, w), lambda v: v
+    3, 'suspend', DIRECTION, 'save', True, False, Suspend, _dec_Suspend_reply, _enc_Suspend_reply
 )
 
 
@@ -178,18 +209,26 @@ class Postcopy:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "postcopy arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "postcopy", 0)
         return cls(
         )
 
 
+def _dec_Postcopy_reply(value, where):
+    return check_bool(value, where)
+
+
+def _enc_Postcopy_reply(value):
+    return value
+
+
 Postcopy.SPEC = MessageSpec(
-    4, 'postcopy', DIRECTION, 'save', True, False, Postcopy, lambda v, w: check_bool(v, w), lambda v: v
+    4, 'postcopy', DIRECTION, 'save', True, False, Postcopy, _dec_Postcopy_reply, _enc_Postcopy_reply
 )
 
 
@@ -199,18 +238,26 @@ class Checkpoint:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "checkpoint arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "checkpoint", 0)
         return cls(
         )
 
 
+def _dec_Checkpoint_reply(value, where):
+    return check_int(value, where, -9223372036854775808, 9223372036854775807)
+
+
+def _enc_Checkpoint_reply(value):
+    return value
+
+
 Checkpoint.SPEC = MessageSpec(
-    5, 'checkpoint', DIRECTION, 'both', True, False, Checkpoint, lambda v, w: check_int(v, w, -9223372036854775808, 9223372036854775807), lambda v: v
+    5, 'checkpoint', DIRECTION, 'both', True, False, Checkpoint, _dec_Checkpoint_reply, _enc_Checkpoint_reply
 )
 
 
@@ -220,18 +267,26 @@ class WaitCheckpoint:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "wait_checkpoint arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "wait_checkpoint", 0)
         return cls(
         )
 
 
+def _dec_WaitCheckpoint_reply(value, where):
+    return check_int(value, where, -9223372036854775808, 9223372036854775807)
+
+
+def _enc_WaitCheckpoint_reply(value):
+    return value
+
+
 WaitCheckpoint.SPEC = MessageSpec(
-    6, 'wait_checkpoint', DIRECTION, 'save', True, False, WaitCheckpoint, lambda v, w: check_int(v, w, -9223372036854775808, 9223372036854775807), lambda v: v
+    6, 'wait_checkpoint', DIRECTION, 'save', True, False, WaitCheckpoint, _dec_WaitCheckpoint_reply, _enc_WaitCheckpoint_reply
 )
 
 
@@ -242,19 +297,27 @@ class SwitchLogdirty:
     enable: bool
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return [self.enable]
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "switch_logdirty arguments", 1)
+    def from_args(cls, args):
+        check_list(args, "switch_logdirty", 1)
         return cls(
-            check_bool(args[0], 'switch_logdirty.enable'),
+            check_bool(args[0], "switch_logdirty" + ".enable"),
         )
 
 
+def _dec_SwitchLogdirty_reply(value, where):
+    return check_bool(value, where)
+
+
+def _enc_SwitchLogdirty_reply(value):
+    return value
+
+
 SwitchLogdirty.SPEC = MessageSpec(
-    7, 'switch_logdirty', DIRECTION, 'save', True, False, SwitchLogdirty, lambda v, w: check_bool(v, w), lambda v: v
+    7, 'switch_logdirty', DIRECTION, 'save', True, False, SwitchLogdirty, _dec_SwitchLogdirty_reply, _enc_SwitchLogdirty_reply
 )
 
 
@@ -265,19 +328,27 @@ class StaticDataDone:
     missing: int
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return [self.missing]
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "static_data_done arguments", 1)
+    def from_args(cls, args):
+        check_list(args, "static_data_done", 1)
         return cls(
-            check_int(args[0], 'static_data_done.missing', 0, 4294967295),
+            check_int(args[0], "static_data_done" + ".missing", 0, 4294967295),
         )
 
 
+def _dec_StaticDataDone_reply(value, where):
+    return check_int(value, where, -9223372036854775808, 9223372036854775807)
+
+
+def _enc_StaticDataDone_reply(value):
+    return value
+
+
 StaticDataDone.SPEC = MessageSpec(
-    8, 'static_data_done', DIRECTION, 'restore', True, False, StaticDataDone, lambda v, w: check_int(v, w, -9223372036854775808, 9223372036854775807), lambda v: v
+    8, 'static_data_done', DIRECTION, 'restore', True, False, StaticDataDone, _dec_StaticDataDone_reply, _enc_StaticDataDone_reply
 )
 
 
@@ -290,21 +361,29 @@ class RestoreResults:
     console_gfn: int
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return [self.pages, self.store_gfn, self.console_gfn]
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "restore_results arguments", 3)
+    def from_args(cls, args):
+        check_list(args, "restore_results", 3)
         return cls(
-            check_int(args[0], 'restore_results.pages', 0, 18446744073709551615),
-            check_int(args[1], 'restore_results.store_gfn', 0, 18446744073709551615),
-            check_int(args[2], 'restore_results.console_gfn', 0, 18446744073709551615),
+            check_int(args[0], "restore_results" + ".pages", 0, 18446744073709551615),
+            check_int(args[1], "restore_results" + ".store_gfn", 0, 18446744073709551615),
+            check_int(args[2], "restore_results" + ".console_gfn", 0, 18446744073709551615),
         )
 
 
+def _dec_RestoreResults_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_RestoreResults_reply(value):
+    return None
+
+
 RestoreResults.SPEC = MessageSpec(
-    9, 'restore_results', DIRECTION, 'restore', False, False, RestoreResults, _dec_none, _enc_none
+    9, 'restore_results', DIRECTION, 'restore', False, False, RestoreResults, _dec_RestoreResults_reply, _enc_RestoreResults_reply
 )
 
 
@@ -315,25 +394,33 @@ class Complete:
     retval: int
     errnoval: int
     message: str
-    peak_rss: int
+    peak_rss: int  # the helper's peak resident set in octets, mapped guest RAM included
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return [self.retval, self.errnoval, self.message, self.peak_rss]
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "complete arguments", 4)
+    def from_args(cls, args):
+        check_list(args, "complete", 4)
         return cls(
-            check_int(args[0], 'complete.retval', -9223372036854775808, 9223372036854775807),
-            check_int(args[1], 'complete.errnoval', -9223372036854775808, 9223372036854775807),
-            check_str(args[2], 'complete.message'),
-            check_int(args[3], 'complete.peak_rss', 0, 18446744073709551615),
+            check_int(args[0], "complete" + ".retval", -9223372036854775808, 9223372036854775807),
+            check_int(args[1], "complete" + ".errnoval", -9223372036854775808, 9223372036854775807),
+            check_str(args[2], "complete" + ".message"),
+            check_int(args[3], "complete" + ".peak_rss", 0, 18446744073709551615),
         )
 
 
+def _dec_Complete_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_Complete_reply(value):
+    return None
+
+
 Complete.SPEC = MessageSpec(
-    10, 'complete', DIRECTION, 'both', False, False, Complete, _dec_none, _enc_none
+    10, 'complete', DIRECTION, 'both', False, False, Complete, _dec_Complete_reply, _enc_Complete_reply
 )
 
 
@@ -344,19 +431,27 @@ class PrecopyPolicy:
     stats: PrecopyStats
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return [_enc_PrecopyStats(self.stats)]
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "precopy_policy arguments", 1)
+    def from_args(cls, args):
+        check_list(args, "precopy_policy", 1)
         return cls(
-            _dec_PrecopyStats(args[0], 'precopy_policy.stats'),
+            _dec_PrecopyStats(args[0], "precopy_policy" + ".stats"),
         )
 
 
+def _dec_PrecopyPolicy_reply(value, where):
+    return _dec_PrecopyDecision(value, where)
+
+
+def _enc_PrecopyPolicy_reply(value):
+    return int(value)
+
+
 PrecopyPolicy.SPEC = MessageSpec(
-    11, 'precopy_policy', DIRECTION, 'save', True, False, PrecopyPolicy, _dec_PrecopyDecision, _enc_PrecopyDecision
+    11, 'precopy_policy', DIRECTION, 'save', True, False, PrecopyPolicy, _dec_PrecopyPolicy_reply, _enc_PrecopyPolicy_reply
 )
 
 

@@ -5,19 +5,27 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import math  # noqa: F401
+import re  # noqa: F401
+from dataclasses import dataclass, field  # noqa: F401
 from typing import ClassVar
 
-from protocol.errors import RemoteProtocolError
-from protocol.rpc import (
-    MessageSpec,
+from protocol.checks import (  # noqa: F401
     check_bool,
     check_bytes,
+    check_choice,
+    check_fields,
     check_float,
     check_int,
     check_list,
+    check_map,
+    check_multiple,
+    check_pattern,
+    check_scalar,
     check_str,
 )
+from protocol.errors import RemoteProtocolError
+from protocol.rpc import MessageSpec
 
 DIRECTION = "client->runner"  # client calls, runner answers
 REVERSE_DIRECTION = "runner->client"
@@ -26,10 +34,6 @@ REVERSE_DIRECTION = "runner->client"
 def _dec_none(value, where):
     if value is not None:
         raise RemoteProtocolError(f"{where}: expected nothing, got {type(value).__name__}")
-    return None
-
-
-def _enc_none(value):
     return None
 
 
@@ -51,10 +55,6 @@ def _dec_DomainState(value, where):
     return DomainState(value)
 
 
-def _enc_DomainState(value):
-    return int(value)
-
-
 @dataclass(frozen=True, slots=True)
 class Workload:
     """What the guest does while it runs (sim: a dirtying workload; kvm: the guest program's pacing)."""
@@ -63,6 +63,13 @@ class Workload:
     working_set: float  # fraction of RAM the writes go to, 0..1
     skew: float  # fraction of writes that go to the hottest tenth of the working set
     seed: int  # seed of the page sequence
+
+    def to_wire(self):
+        return _enc_Workload(self)
+
+    @classmethod
+    def from_wire(cls, value, where: str = "Workload"):
+        return _dec_Workload(value, where)
 
 
 def _enc_Workload(value):
@@ -92,9 +99,16 @@ class DomainInfo:
     guest_check: str  # the guest's own verification of its pages: '' until asked, then 'ok' or what failed
     logdirty: bool  # log-dirty mode is on
 
+    def to_wire(self):
+        return _enc_DomainInfo(self)
+
+    @classmethod
+    def from_wire(cls, value, where: str = "DomainInfo"):
+        return _dec_DomainInfo(value, where)
+
 
 def _enc_DomainInfo(value):
-    return [value.name, value.backend, _enc_DomainState(value.state), value.pages, _enc_Workload(value.workload), value.writes, value.guest_check, value.logdirty]
+    return [value.name, value.backend, int(value.state), value.pages, _enc_Workload(value.workload), value.writes, value.guest_check, value.logdirty]
 
 
 def _dec_DomainInfo(value, where):
@@ -118,6 +132,13 @@ class DirtyLog:
     count: int  # number of bits set
     bitmap: bytes  # ceil(pages / 8) octets
 
+    def to_wire(self):
+        return _enc_DirtyLog(self)
+
+    @classmethod
+    def from_wire(cls, value, where: str = "DirtyLog"):
+        return _dec_DirtyLog(value, where)
+
 
 def _enc_DirtyLog(value):
     return [value.count, value.bitmap]
@@ -137,18 +158,26 @@ class Getinfo:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "getinfo arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "getinfo", 0)
         return cls(
         )
 
 
+def _dec_Getinfo_reply(value, where):
+    return _dec_DomainInfo(value, where)
+
+
+def _enc_Getinfo_reply(value):
+    return _enc_DomainInfo(value)
+
+
 Getinfo.SPEC = MessageSpec(
-    1, 'getinfo', DIRECTION, 'any', True, False, Getinfo, _dec_DomainInfo, _enc_DomainInfo
+    1, 'getinfo', DIRECTION, 'any', True, False, Getinfo, _dec_Getinfo_reply, _enc_Getinfo_reply
 )
 
 
@@ -158,18 +187,26 @@ class Pause:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "pause arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "pause", 0)
         return cls(
         )
 
 
+def _dec_Pause_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_Pause_reply(value):
+    return None
+
+
 Pause.SPEC = MessageSpec(
-    2, 'pause', DIRECTION, 'any', True, False, Pause, _dec_none, _enc_none
+    2, 'pause', DIRECTION, 'any', True, False, Pause, _dec_Pause_reply, _enc_Pause_reply
 )
 
 
@@ -179,18 +216,26 @@ class Unpause:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "unpause arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "unpause", 0)
         return cls(
         )
 
 
+def _dec_Unpause_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_Unpause_reply(value):
+    return None
+
+
 Unpause.SPEC = MessageSpec(
-    3, 'unpause', DIRECTION, 'any', True, False, Unpause, _dec_none, _enc_none
+    3, 'unpause', DIRECTION, 'any', True, False, Unpause, _dec_Unpause_reply, _enc_Unpause_reply
 )
 
 
@@ -200,18 +245,26 @@ class LogdirtyEnable:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "logdirty_enable arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "logdirty_enable", 0)
         return cls(
         )
 
 
+def _dec_LogdirtyEnable_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_LogdirtyEnable_reply(value):
+    return None
+
+
 LogdirtyEnable.SPEC = MessageSpec(
-    4, 'logdirty_enable', DIRECTION, 'any', True, False, LogdirtyEnable, _dec_none, _enc_none
+    4, 'logdirty_enable', DIRECTION, 'any', True, False, LogdirtyEnable, _dec_LogdirtyEnable_reply, _enc_LogdirtyEnable_reply
 )
 
 
@@ -221,18 +274,26 @@ class LogdirtyDisable:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "logdirty_disable arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "logdirty_disable", 0)
         return cls(
         )
 
 
+def _dec_LogdirtyDisable_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_LogdirtyDisable_reply(value):
+    return None
+
+
 LogdirtyDisable.SPEC = MessageSpec(
-    5, 'logdirty_disable', DIRECTION, 'any', True, False, LogdirtyDisable, _dec_none, _enc_none
+    5, 'logdirty_disable', DIRECTION, 'any', True, False, LogdirtyDisable, _dec_LogdirtyDisable_reply, _enc_LogdirtyDisable_reply
 )
 
 
@@ -242,18 +303,26 @@ class LogdirtyClean:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "logdirty_clean arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "logdirty_clean", 0)
         return cls(
         )
 
 
+def _dec_LogdirtyClean_reply(value, where):
+    return _dec_DirtyLog(value, where)
+
+
+def _enc_LogdirtyClean_reply(value):
+    return _enc_DirtyLog(value)
+
+
 LogdirtyClean.SPEC = MessageSpec(
-    6, 'logdirty_clean', DIRECTION, 'any', True, False, LogdirtyClean, _dec_DirtyLog, _enc_DirtyLog
+    6, 'logdirty_clean', DIRECTION, 'any', True, False, LogdirtyClean, _dec_LogdirtyClean_reply, _enc_LogdirtyClean_reply
 )
 
 
@@ -263,18 +332,26 @@ class LogdirtyPeek:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "logdirty_peek arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "logdirty_peek", 0)
         return cls(
         )
 
 
+def _dec_LogdirtyPeek_reply(value, where):
+    return _dec_DirtyLog(value, where)
+
+
+def _enc_LogdirtyPeek_reply(value):
+    return _enc_DirtyLog(value)
+
+
 LogdirtyPeek.SPEC = MessageSpec(
-    7, 'logdirty_peek', DIRECTION, 'any', True, False, LogdirtyPeek, _dec_DirtyLog, _enc_DirtyLog
+    7, 'logdirty_peek', DIRECTION, 'any', True, False, LogdirtyPeek, _dec_LogdirtyPeek_reply, _enc_LogdirtyPeek_reply
 )
 
 
@@ -284,18 +361,26 @@ class GetContext:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "get_context arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "get_context", 0)
         return cls(
         )
 
 
+def _dec_GetContext_reply(value, where):
+    return check_bytes(value, where)
+
+
+def _enc_GetContext_reply(value):
+    return value
+
+
 GetContext.SPEC = MessageSpec(
-    8, 'get_context', DIRECTION, 'any', True, False, GetContext, lambda v, w: check_bytes(v, w), lambda v: v
+    8, 'get_context', DIRECTION, 'any', True, False, GetContext, _dec_GetContext_reply, _enc_GetContext_reply
 )
 
 
@@ -306,19 +391,27 @@ class SetContext:
     blob: bytes
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return [self.blob]
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "set_context arguments", 1)
+    def from_args(cls, args):
+        check_list(args, "set_context", 1)
         return cls(
-            check_bytes(args[0], 'set_context.blob'),
+            check_bytes(args[0], "set_context" + ".blob"),
         )
 
 
+def _dec_SetContext_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_SetContext_reply(value):
+    return None
+
+
 SetContext.SPEC = MessageSpec(
-    9, 'set_context', DIRECTION, 'any', True, False, SetContext, _dec_none, _enc_none
+    9, 'set_context', DIRECTION, 'any', True, False, SetContext, _dec_SetContext_reply, _enc_SetContext_reply
 )
 
 
@@ -328,18 +421,26 @@ class MapMemory:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "map_memory arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "map_memory", 0)
         return cls(
         )
 
 
+def _dec_MapMemory_reply(value, where):
+    return check_int(value, where, 0, 18446744073709551615)
+
+
+def _enc_MapMemory_reply(value):
+    return value
+
+
 MapMemory.SPEC = MessageSpec(
-    10, 'map_memory', DIRECTION, 'any', True, True, MapMemory, lambda v, w: check_int(v, w, 0, 18446744073709551615), lambda v: v
+    10, 'map_memory', DIRECTION, 'any', True, True, MapMemory, _dec_MapMemory_reply, _enc_MapMemory_reply
 )
 
 
@@ -349,18 +450,26 @@ class Digest:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "digest arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "digest", 0)
         return cls(
         )
 
 
+def _dec_Digest_reply(value, where):
+    return check_str(value, where)
+
+
+def _enc_Digest_reply(value):
+    return value
+
+
 Digest.SPEC = MessageSpec(
-    11, 'digest', DIRECTION, 'any', True, False, Digest, lambda v, w: check_str(v, w), lambda v: v
+    11, 'digest', DIRECTION, 'any', True, False, Digest, _dec_Digest_reply, _enc_Digest_reply
 )
 
 
@@ -370,18 +479,26 @@ class Destroy:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "destroy arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "destroy", 0)
         return cls(
         )
 
 
+def _dec_Destroy_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_Destroy_reply(value):
+    return None
+
+
 Destroy.SPEC = MessageSpec(
-    12, 'destroy', DIRECTION, 'any', True, False, Destroy, _dec_none, _enc_none
+    12, 'destroy', DIRECTION, 'any', True, False, Destroy, _dec_Destroy_reply, _enc_Destroy_reply
 )
 
 
@@ -391,18 +508,26 @@ class GuestCheck:
 
     SPEC: ClassVar[MessageSpec]
 
-    def to_args(self) -> list:
+    def to_args(self):
         return []
 
     @classmethod
-    def from_args(cls, args: list):
-        check_list(args, "guest_check arguments", 0)
+    def from_args(cls, args):
+        check_list(args, "guest_check", 0)
         return cls(
         )
 
 
+def _dec_GuestCheck_reply(value, where):
+    return check_str(value, where)
+
+
+def _enc_GuestCheck_reply(value):
+    return value
+
+
 GuestCheck.SPEC = MessageSpec(
-    13, 'guest_check', DIRECTION, 'any', True, False, GuestCheck, lambda v, w: check_str(v, w), lambda v: v
+    13, 'guest_check', DIRECTION, 'any', True, False, GuestCheck, _dec_GuestCheck_reply, _enc_GuestCheck_reply
 )
 
 

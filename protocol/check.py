@@ -130,9 +130,15 @@ class StreamChecker:
             case libxl.EmulatorContext():
                 s.records["EMULATOR_CONTEXT"] += 1
                 s.context_bytes["EMULATOR_CONTEXT"] = len(event.blob)
+            case libxc.TscInfo():
+                s.records["X86_TSC_INFO"] += 1
+            case libxc.HvmParams():
+                s.records["HVM_PARAMS"] += 1
+            case libxc.PfnList():
+                s.records["POSTCOPY_FAULT" if event.fault else "POSTCOPY_PFNS"] += 1
             case libxl.LibxlEnd():
                 s.records["libxl END"] += 1
-            case _:
+            case _:  # the headers and LIBXC_CONTEXT: once each, counted by their class
                 s.records[type(event).__name__] += 1
 
     def finish(self) -> Summary:

@@ -23,6 +23,11 @@ MAX_XL_OPTIONAL_DATA = 1 << 20
 # socket).  Dirty bitmaps of a 64 GiB domain (2 MiB) fit.
 MAX_RPC_FRAME = 4 << 20
 
+# One frame of the migration handshake between daemons, the first of which
+# arrives before the peer has proved anything: small, so an unauthenticated
+# peer cannot make the receiver buffer much.
+MAX_HANDSHAKE_FRAME = 64 << 10
+
 # Largest domain a stream may describe: pfns are 52 bits in the format, but a
 # decoder that does not know the domain size still refuses anything past this.
 MAX_PFN = (1 << 36) - 1  # 256 TiB of 4 KiB pages

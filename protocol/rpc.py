@@ -21,56 +21,12 @@ from typing import Any
 import msgpack
 
 from . import limits
+from .checks import check_str
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import NEED_DATA, NeedData
 
 FRAME_HEADER = struct.Struct(">I")
 CALL, REPLY, ERROR = 0, 1, 2
-
-
-# -- value checks used by the generated decoders ------------------------------
-def _fail(where: str, what: str, value: Any) -> RemoteProtocolError:
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return RemoteProtocolError(f"{where}: expected {what}, got {shown}")
-
-
-def check_int(value: Any, where: str, lo: int, hi: int) -> int:
-    if type(value) is not int or not lo <= value <= hi:
-        raise _fail(where, f"an integer in {lo}..{hi}", value)
-    return value
-
-
-def check_float(value: Any, where: str) -> float:
-    if type(value) not in (int, float):
-        raise _fail(where, "a number", value)
-    return float(value)
-
-
-def check_bool(value: Any, where: str) -> bool:
-    if type(value) is not bool:
-        raise _fail(where, "a boolean", value)
-    return value
-
-
-def check_str(value: Any, where: str, max_len: int = 1 << 16) -> str:
-    if type(value) is not str or len(value) > max_len:
-        raise _fail(where, f"a string of at most {max_len} characters", value)
-    return value
-
-
-def check_bytes(value: Any, where: str) -> bytes:
-    if type(value) is not bytes:
-        raise _fail(where, "bytes", value)
-    return value
-
-
-def check_list(value: Any, where: str, length: int | None = None) -> list:
-    if type(value) is not list or (length is not None and len(value) != length):
-        expected = "a list" if length is None else f"a list of {length} items"
-        raise _fail(where, expected, value)
-    return value
 
 
 # -- the table a generated module provides ------------------------------------
@@ -225,8 +181,8 @@ class RpcConnection:
         kind, msg_id, payload = frame
         if type(msg_id) is not int:
             raise RemoteProtocolError("frame: message id is not an integer")
-        if kind == ERROR and msg_id == 0 and self._awaiting is not None:
-            self._awaiting = None  # the peer refused our last frame
+        if kind == ERROR and msg_id == 0:
+            self._awaiting = None  # the peer refused our last frame, and says why
             return ErrorReply(0, check_str(payload, "protocol error"))
         spec = self.table.get(msg_id)
         if spec is None:
@@ -240,8 +196,7 @@ class RpcConnection:
                 raise RemoteProtocolError(
                     f"{spec.name} arrived before {self._owing.name} was answered"
                 )
-            args = check_list(payload, spec.name)
-            message = spec.model.from_args(args)
+            message = spec.model.from_args(payload)  # checks the payload's shape
             if spec.wants_reply:
                 self._owing = spec
             return Call(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def test_generated_stubs_call_through_a_channel():
 
 async def test_generated_async_dispatch_routes_to_handlers():
     from protocol import _gen_helper_msgs as hm
-    from toolstack._gen_helper_dispatch import ToolstackHandlers
+    from toolstack.host._gen_helper_dispatch import ToolstackHandlers
 
     class Handlers(ToolstackHandlers):
         async def on_switch_logdirty(self, enable):
@@ -84,6 +85,11 @@ def schema_file(tmp_path, body: str) -> Path:
         ("[messages.x]\nid = 1\nargs = [['a', 'u128']]\n", "unknown type 'u128'"),
         ("[messages.x]\nid = 1\nreply = 'Nope'\n", "unknown type 'Nope'"),
         ("[messages.X]\nid = 1\n", "snake_case"),
+        ("[messages.x]\nid = 1\nargs = [['a', 'str', '', {pattern = 'x'}]]\n", "needs a 'rule'"),
+        ("[messages.x]\nid = 1\nargs = [['a', 'str', '', {colour = 1}]]\n", "unknown option"),
+        ("[messages.x]\nid = 1\nargs = [['a', 'str', '', {default = ''}]]\n", "need encoding"),
+        ("[messages.x]\nid = 1\nargs = [['a', '[u32']]\n", "unknown type"),
+        ("[structs.X]\nfields = []\n[messages.x]\nid = 1\n", "also a type"),
     ],
 )
 def test_broken_schemas_are_refused(tmp_path, body, rule):
@@ -132,3 +138,67 @@ def test_a_message_can_go_the_other_way(tmp_path):
     assert "class BHandlers" in handlers and "class AHandlers" in handlers
     with pytest.raises(SchemaError, match="direction must be"):
         load(schema_file(tmp_path, '[messages.x]\nid = 1\ndirection = "c->a"\n'))
+
+
+def generated(tmp_path, body: str, encoding: str = "map"):
+    """A schema's models module, compiled and importable for the test."""
+    import sys
+    import types
+
+    from codegen import render
+
+    path = schema_file(tmp_path, body)
+    path.write_text(
+        path.read_text().replace('callee = "b"', f'callee = "b"\nencoding = "{encoding}"')
+    )
+    module = types.ModuleType("ferry_test_map_models")
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(render.models(load(path)), "models", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    return module
+
+
+MAP_SCHEMA = """
+    [structs.Point]
+    doc = "a point"
+    fields = [
+      ["x", "i64"],
+      ["label", "str", "", {default = "", pattern = "[a-z]*", rule = "labels are lowercase"}],
+      ["tags", "[str]", "", {default = []}],
+      ["near", "Point?"],
+    ]
+    [messages.put]
+    id = 1
+    args = [["where", "Point"], ["weights", "{f64}", "", {default = {}}], ["size", "u32", "", {min = 1, max = 8, default = 2}]]
+    reply = "[Point]"
+"""
+
+
+def test_map_encoded_structs_name_what_is_wrong(tmp_path):
+    from protocol import RemoteProtocolError
+
+    m = generated(tmp_path, MAP_SCHEMA)
+    point = m.Point(x=1, near=m.Point(x=2, label="b"))
+    assert m.Point.from_wire(point.to_wire()) == point
+    assert point.to_wire()["near"]["label"] == "b" and point.tags == []
+    for wire, says in [
+        ({"x": 1, "colour": "red"}, "Point: unknown field 'colour'"),
+        ({"label": "a"}, "Point: missing field 'x'"),
+        ({"x": 1, "label": "A"}, "Point.label: 'A' breaks the rule: labels are lowercase"),
+        ({"x": 1, "tags": ["a", 2]}, "Point.tags[1]: expected a string"),
+        ({"x": 1, "near": {"x": "far"}}, "Point.near.x: expected an integer"),
+    ]:
+        with pytest.raises(RemoteProtocolError, match=re.escape(says)):
+            m.Point.from_wire(wire)
+    put = m.Put.from_args({"where": {"x": 3}, "weights": {"a": 1}})
+    assert put.size == 2 and put.weights == {"a": 1.0}
+    with pytest.raises(
+        RemoteProtocolError, match=re.escape("put.size: expected an integer in 1..8")
+    ):
+        m.Put.from_args({"where": {"x": 3}, "size": 9})
+    with pytest.raises(RemoteProtocolError, match=re.escape("put.weights.a: expected a finite")):
+        m.Put.from_args({"where": {"x": 3}, "weights": {"a": float("inf")}})
+    spec = m.Put.SPEC
+    assert spec.decode_reply(spec.encode_reply([point]), "r") == [point]
