@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from toolstack.stats import percentile
+from toolstack.host.stats import percentile
 
 PAGE = 4096
 CHUNK = 1024 * PAGE  # one sendmsg: as many pages as one ferry batch

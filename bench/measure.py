@@ -8,59 +8,67 @@ page to hold data.
 
 from __future__ import annotations
 
-import json
 import time
 
 from hypervisor import RunnerClient
-from toolstack.demo import Hosts
-from toolstack.domains import domain_path
+from protocol._gen_control_msgs import DomainConfig
+from toolstack.harness import LocalHosts
+from toolstack.host.domains import domain_path
 
 SOURCE, DESTINATION = 0, 1
 
 
-def create(hosts: Hosts, host: int, name: str, memory: int, dirty_rate: float = 0.0) -> None:
-    config = {"name": name, "memory_bytes": memory, "dirty_rate": dirty_rate, "seed": 1}
-    with hosts.client(host) as daemon:
-        daemon.request("create", config=json.dumps(config), paused=True)
+def start_hosts() -> LocalHosts:
+    hosts = LocalHosts(prefix="ferry-bench-")
+    try:
+        hosts.start("host-a", listen=False)
+        hosts.start("host-b")
+    except BaseException:
+        hosts.close()
+        raise
+    return hosts
 
 
-def fill(hosts: Hosts, host: int, name: str) -> None:
+def create(hosts: LocalHosts, host: int, name: str, memory: int, dirty_rate: float = 0.0) -> None:
+    config = DomainConfig(name=name, memory_bytes=memory, dirty_rate=dirty_rate, seed=1)
+    with hosts.daemons[host].client() as daemon:
+        daemon.create(config=config, paused=True)
+
+
+def fill(hosts: LocalHosts, host: int, name: str) -> None:
     """Write every page of a paused domain, then let it run: a guest that
     has used all its RAM, so no page travels as a never-touched hole."""
-    with RunnerClient(domain_path(hosts.states[host], name, "sock")) as runner:
+    with RunnerClient(domain_path(hosts.daemons[host].state, name, "sock")) as runner:
         ram = runner.map_guest_memory(writable=True)
         ram.bytes[:] = 0x5A
         ram.close()
         runner.unpause()
 
 
-def unpause(hosts: Hosts, host: int, name: str) -> None:
-    with hosts.client(host) as daemon:
-        daemon.request("unpause", name=name)
+def unpause(hosts: LocalHosts, host: int, name: str) -> None:
+    with hosts.daemons[host].client() as daemon:
+        daemon.unpause(name=name)
 
 
-def migrate(hosts: Hosts, name: str, policy: str, settings: dict) -> dict:
-    with hosts.client(DESTINATION) as b:
-        port = b.request("ping")["listen_port"]
-    with hosts.client(SOURCE) as a:
-        address = f"127.0.0.1:{port}"
-        reply = a.request("migrate", name=name, address=address, policy=policy, settings=settings)
-    return reply["report"]
+def migrate(hosts: LocalHosts, name: str, policy: str, settings: dict):
+    address = hosts.daemons[DESTINATION].address
+    with hosts.daemons[SOURCE].client() as a:
+        return a.migrate(name=name, address=address, policy=policy, settings=settings, watch=True)
 
 
-def save(hosts: Hosts, host: int, name: str, path: str) -> dict:
-    with hosts.client(host) as daemon:
-        return daemon.request("save", name=name, file=path)["report"]
+def save(hosts: LocalHosts, host: int, name: str, path: str):
+    with hosts.daemons[host].client() as daemon:
+        return daemon.save(name=name, file=path, watch=True)
 
 
-def restore(hosts: Hosts, host: int, path: str, name: str) -> tuple[dict, float]:
+def restore(hosts: LocalHosts, host: int, path: str, name: str):
     """The restore job's report, and the whole command's wall time in s."""
     started = time.perf_counter()
-    with hosts.client(host) as daemon:
-        report = daemon.request("restore", file=path, name=name, paused=True)["report"]
-    return report["job"], time.perf_counter() - started
+    with hosts.daemons[host].client() as daemon:
+        report = daemon.restore(file=path, name=name, paused=True, watch=True)
+    return report, time.perf_counter() - started
 
 
-def destroy(hosts: Hosts, host: int, name: str) -> None:
-    with hosts.client(host) as daemon:
-        daemon.request("destroy", name=name)
+def destroy(hosts: LocalHosts, host: int, name: str) -> None:
+    with hosts.daemons[host].client() as daemon:
+        daemon.destroy(name=name)

@@ -64,7 +64,7 @@ def run_bench(quick: bool) -> dict:
     sizes = QUICK if quick else FULL
     rounds = 1 if quick else ROUNDS
     report: dict = {"machine": {"cpus": os.cpu_count()}, "quick": quick, "rounds": rounds}
-    with measure.Hosts() as hosts:
+    with measure.start_hosts() as hosts:
         report["stream"], migration = bench_stream(hosts, sizes["stream_bytes"], rounds)
         report["rpc"] = bench_rpc(sizes["rpcs"], migration, rounds)
         report["downtime"] = bench_downtime(hosts, sizes["downtime_bytes"])
@@ -77,7 +77,7 @@ def run_bench(quick: bool) -> dict:
 def stream_migration(hosts, name: str, memory: int) -> dict:
     measure.create(hosts, measure.SOURCE, name, memory)
     measure.fill(hosts, measure.SOURCE, name)
-    migration = measure.migrate(hosts, name, "converge", {})
+    migration = measure.migrate(hosts, name, "converge", {}).to_wire()
     measure.destroy(hosts, measure.DESTINATION, name)
     migration["mb_s"] = migration["bytes_sent"] / 1e3 / migration["stream_ms"]
     return migration
@@ -138,7 +138,7 @@ def bench_downtime(hosts, memory: int) -> dict:
     measure.create(hosts, measure.SOURCE, "busy", memory, dirty_rate=DIRTY_RATE)
     measure.unpause(hosts, measure.SOURCE, "busy")
     settings = {"downtime_limit": DOWNTIME_LIMIT}
-    migration = measure.migrate(hosts, "busy", "converge", settings)
+    migration = measure.migrate(hosts, "busy", "converge", settings).to_wire()
     measure.destroy(hosts, measure.DESTINATION, "busy")
     return {
         "dirty_pages_s": DIRTY_RATE,
@@ -162,7 +162,7 @@ def bench_restore(hosts, memory: int, rounds: int) -> dict:
             raws.append(baselines.raw_read(path))  # the first also fills the page cache
             job, wall_s = measure.restore(hosts, measure.SOURCE, path, "restored")
             measure.destroy(hosts, measure.SOURCE, "restored")
-            restores.append((size / 1e3 / job["stream_ms"], size / 1e6 / wall_s))
+            restores.append((size / 1e3 / job.stream_ms, size / 1e6 / wall_s))
     finally:
         os.unlink(path)
     ferry, command = max(restores)
@@ -183,14 +183,14 @@ def bench_helper_rss(hosts, memory: int) -> dict:
     measure.create(hosts, measure.SOURCE, "large", memory)
     measure.fill(hosts, measure.SOURCE, "large")
     try:
-        job = measure.save(hosts, measure.SOURCE, "large", path)
+        job = measure.save(hosts, measure.SOURCE, "large", path).to_wire()
     finally:
         if os.path.exists(path):
             os.unlink(path)
     return {
         "guest_bytes": memory,
-        "peak_rss_bytes": job["helper_peak_rss"],
-        "ratio": round(job["helper_peak_rss"] / memory, 4),
+        "peak_rss_bytes": job["helper_peak_rss_bytes"],
+        "ratio": round(job["helper_peak_rss_bytes"] / memory, 4),
     }
 
 

@@ -7,9 +7,9 @@ import os
 import sys
 from types import SimpleNamespace
 
-from toolstack.helper_job import HelperCallbacks, run_helper
+from toolstack.host import HelperCallbacks, JobStats, run_helper
+from toolstack.host.stats import percentile
 from toolstack.policies import ConvergePolicy
-from toolstack.stats import JobStats, percentile
 
 
 async def rpc_round_trips(count: int) -> dict:

@@ -42,9 +42,13 @@ class SyncChannel:
         sends: str | None,
         receives: str | None,
         spin_ns: int = 0,
+        on_call=None,
     ):
         self.sock = sock
         self.conn = RpcConnection(table, sends=sends, receives=receives)
+        # Calls the peer may send while we wait for a reply (notifications
+        # that want none, like a daemon's progress): on_call(message).
+        self.on_call = on_call
         self.fds: list[int] = []
         self.spin_ns = spin_ns
         self.spinning = spin_ns > 0  # whether the next wait for a reply starts by polling
@@ -95,6 +99,9 @@ class SyncChannel:
         earlier with `send_call` while the caller did other work meanwhile,
         and return its value."""
         event = self.next_event()
+        while isinstance(event, Call) and self.on_call is not None:
+            self.on_call(event.message)
+            event = self.next_event()
         if isinstance(event, ErrorReply):
             raise RpcError(f"{message.SPEC.name}: {event.text}")
         if not isinstance(event, Reply):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -78,7 +79,7 @@ def kill_all_mentioning(text: str) -> list[int]:
 @pytest.fixture
 async def host(short_tmp):
     """A Host in a private state dir; every runner it started is gone afterwards."""
-    from toolstack.domains import Host
+    from toolstack.host import Host
 
     h = Host(os.path.join(short_tmp, "host"))
     yield h
@@ -88,82 +89,43 @@ async def host(short_tmp):
     assert not leaked, f"processes left behind: {leaked}"
 
 
-class DaemonHandle:
-    def __init__(self, root: str, name: str, key: str, listen: bool) -> None:
-        import sys
+FERRY = os.path.join(os.path.dirname(sys.executable), "ferry")
 
-        self.state = os.path.join(root, name)
-        self.socket = os.path.join(self.state, "control.sock")
-        self.log = os.path.join(root, f"{name}.log")
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "toolstack.daemon",
-            "--state-dir",
-            self.state,
-            "--auth-key",
-            key,
-        ]
-        if listen:
-            self.cmd += ["--listen", "127.0.0.1:0"]
-        self.proc = None
-        self.port = None
 
-    def start(self):
-        from toolstack.demo import wait_for_daemon
-
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        wait_for_daemon(self.proc, self.socket)
-        self.port = self.request("ping")["listen_port"]
-        return self
-
-    def request(self, op: str, **fields) -> dict:
-        from toolstack.client import DaemonClient
-
-        with DaemonClient(self.socket) as c:
-            return c.request(op, **fields)
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(30)
+def ferry(daemon, *args, check=True, timeout=180, env=None):
+    """Run the installed `ferry` executable against `daemon`; never a traceback."""
+    cmd = [FERRY] if os.path.exists(FERRY) else [sys.executable, "-m", "toolstack"]
+    r = subprocess.run(
+        [*cmd, "--connect", daemon.socket, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert "Traceback" not in r.stderr, r.stderr
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
 
 
 class Cluster:
-    """Daemons on loopback in a private directory (each a real ferryd process)."""
+    """Daemons on loopback in a test's private directory (each a real ferryd
+    process), started by the same harness as the demo and the bench."""
 
     def __init__(self, root: str) -> None:
-        import secrets
+        from toolstack.harness import LocalHosts
 
-        self.root = root
-        self.key = self.write_key("auth.key", secrets.token_hex(32))
-        self.daemons: list[DaemonHandle] = []
+        self.hosts = LocalHosts(root=root)
+        self.root, self.key = root, self.hosts.key
 
     def write_key(self, name: str, text: str) -> str:
-        path = os.path.join(self.root, name)
-        with open(path, "w") as f:
-            f.write(text)
-        return path
+        return self.hosts.write_key(name, text)
 
-    def daemon(self, name: str, listen: bool = True, key: str | None = None) -> DaemonHandle:
-        handle = DaemonHandle(self.root, name, key or self.key, listen).start()
-        self.daemons.append(handle)
-        return handle
+    def daemon(self, name: str, listen: bool = True, key: str | None = None, args=(), env=None):
+        return self.hosts.start(name, listen=listen, key=key, args=args, env=env)
 
     def cleanup(self) -> None:
-        for d in self.daemons:
-            if d.proc.poll() is None:
-                try:
-                    for dom in d.request("list")["domains"]:
-                        d.request("destroy", name=dom["name"])
-                except Exception:
-                    pass
-                d.proc.send_signal(signal.SIGTERM)
-                try:
-                    d.proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    d.proc.kill()
-                    d.proc.wait()
+        self.hosts.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import trio
 from hypervisor.channel import SyncChannel
 from protocol import NEED_DATA, RpcConnection
 from protocol import _gen_helper_msgs as hm
-from toolstack.channel import AsyncChannel
+from toolstack.host.async_channel import AsyncChannel
 
 
 def answer_calls(sock: socket.socket, delays: list[float]) -> None:
@@ -100,7 +100,7 @@ async def test_the_direct_send_to_a_closed_peer_is_a_broken_resource():
 
 SLICE_PROBE = """
 import os, subprocess
-from toolstack.sched import request_short_slice
+from toolstack.daemon.sched import request_short_slice
 
 def slice_of(pid):
     for line in open(f"/proc/{pid}/sched"):

@@ -6,7 +6,8 @@ import os
 
 import trio
 
-from toolstack.domains import DomainConfig, Host
+from protocol._gen_control_msgs import DomainConfig
+from toolstack.host import Host, config_to_json
 
 
 def open_fds() -> int:
@@ -19,7 +20,7 @@ async def test_reattach_forgets_a_socket_that_hangs_up_and_keeps_no_fd_of_it(sho
     # and the pidfd opened for it is closed again.
     host = Host(os.path.join(short_tmp, "host"))
     with open(host.path("ghost", "json"), "wb") as f:
-        f.write(DomainConfig(name="ghost", memory_bytes=1 << 20).to_json())
+        f.write(config_to_json(DomainConfig(name="ghost", memory_bytes=1 << 20)))
     before = open_fds()
     listener = trio.socket.socket(trio.socket.AF_UNIX)
     await listener.bind(host.path("ghost", "sock"))

@@ -5,79 +5,68 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from conftest import processes_mentioning
+from conftest import FERRY, ferry, processes_mentioning
+from peers import Peer, serve_as_destination
 
-from toolstack.client import DaemonError
+from protocol import _gen_migration_msgs as msgs
+from protocol._gen_control_msgs import DomainConfig
+from protocol.rpc import ErrorReply
+from toolstack.cli import DaemonClient, DaemonError
 
 MiB = 1 << 20
 
 
 def create(daemon, name, memory=32 * MiB, rate=20_000.0, ws=1.0, backend="sim"):
-    config = {
-        "name": name,
-        "memory_bytes": memory,
-        "backend": backend,
-        "dirty_rate": rate,
-        "working_set": ws,
-        "seed": 3,
-    }
-    return daemon.request("create", config=json.dumps(config))["domain"]
+    config = DomainConfig(
+        name=name, memory_bytes=memory, backend=backend, dirty_rate=rate, working_set=ws, seed=3
+    )
+    return daemon.call("create", config=config)
 
 
-def migrate(src, dst, name, **fields) -> dict:
-    return src.request(
-        "migrate", name=name, address=f"127.0.0.1:{dst.port}", verify=True, **fields
-    )["report"]
+def migrate(src, dst, name, **fields):
+    return src.call("migrate", name=name, address=dst.address, verify=True, **fields)
 
 
 def writes(daemon, name) -> int:
-    return daemon.request("info", name=name)["domain"]["writes"]
+    return daemon.call("info", name=name).writes
 
 
 def assert_running_and_writing(daemon, name):
     before = writes(daemon, name)
     time.sleep(0.3)
-    info = daemon.request("info", name=name)["domain"]
-    assert info["state"] == "running" and info["writes"] > before
-
-
-def ferry(daemon, *args, check=True):
-    r = subprocess.run(
-        [sys.executable, "-m", "toolstack", "--connect", daemon.socket, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "Traceback" not in r.stderr
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
+    info = daemon.call("info", name=name)
+    assert info.state == "running" and info.writes > before
 
 
 def test_migrate_a_busy_domain(cluster):
     a, b = cluster.daemon("a"), cluster.daemon("b")
     create(a, "vm1")
     time.sleep(0.3)
-    r = ferry(a, "migrate", "vm1", f"127.0.0.1:{b.port}", "--verify", "--json")
+    r = ferry(a, "migrate", "vm1", b.address, "--verify", "--json")
     report = json.loads(r.stdout)
     assert report["integrity"] == "ok" and report["phase"] == "completed"
     assert report["downtime_ms"] > 0 and report["policy_rpcs"] > 0
     assert report["iterations"][0]["pages"] == 32 * MiB // 4096
-    assert a.request("list")["domains"] == []
+    assert report["policy_rpc_p50_us"] > 0 and report["peer"] == b.address
+    assert a.call("list") == []
     assert_running_and_writing(b, "vm1")
-    assert b.request("guest-check", name="vm1")["guest_check"] == "ok"
+    assert b.call("guest_check", name="vm1") == "ok"
     listed = json.loads(ferry(b, "list", "--json").stdout)
     assert [(d["name"], d["state"], d["backend"], d["memory_bytes"]) for d in listed] == [
         ("vm1", "running", "sim", 32 * MiB)
     ]
     job = json.loads(ferry(a, "job", "vm1", "--json").stdout)
     assert job["phase"] == "completed" and job["downtime_ms"] == report["downtime_ms"]
+    # the destination shows its side of the same migration
+    received = json.loads(ferry(b, "job", "vm1", "--json").stdout)
+    assert received["kind"] == "migrate-receive" and received["phase"] == "completed"
+    assert received["running"] is False
 
 
 def test_several_domains_migrate_at_once(cluster):
@@ -95,8 +84,8 @@ def test_several_domains_migrate_at_once(cluster):
         t.start()
     for t in threads:
         t.join(120)
-    assert {n: r["integrity"] for n, r in results.items()} == dict.fromkeys(names, "ok")
-    assert sorted(d["name"] for d in b.request("list")["domains"]) == names
+    assert {n: r.integrity for n, r in results.items()} == dict.fromkeys(names, "ok")
+    assert sorted(d.name for d in b.call("list")) == names
 
 
 ENDLESS = {
@@ -120,8 +109,8 @@ def start_endless_migration(a, b, name="vm1", policy="xen"):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            job = a.request("job", name=name)["job"]
-            if job["phase"] == "precopy" and job["iteration"] >= 1:
+            job = a.call("job", name=name)
+            if job.phase == "precopy" and job.iteration >= 1:
                 return thread, outcome
         except DaemonError:
             pass
@@ -136,24 +125,26 @@ def test_job_control_abort_mid_precopy(cluster):
     r = ferry(a, "job-control", "vm1", "abort")
     assert "abort requested" in r.stdout
     thread.join(60)
-    assert "policy aborted" in outcome["error"]
-    info = a.request("info", name="vm1")["domain"]
-    assert info["job"] is None
+    assert "aborted by the operator" in outcome["error"]
+    assert a.call("info", name="vm1").job is None
     assert_running_and_writing(a, "vm1")
-    assert a.request("guest-check", name="vm1")["guest_check"] == "ok"
-    assert b.request("list")["domains"] == []
-    job = a.request("job", name="vm1")["job"]
-    assert job["phase"] == "failed" and "operator requested abort" in job["decision"]
+    assert a.call("guest_check", name="vm1") == "ok"
+    job = a.call("job", name="vm1")
+    assert job.phase == "failed" and "operator requested abort" in job.decision
+    deadline = time.monotonic() + 15  # the destination sees the line close and cleans up
+    while b.call("list") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b.call("list") == []
 
 
 def test_job_control_stop_and_copy_completes_at_once(cluster):
     a, b = cluster.daemon("a"), cluster.daemon("b")
     create(a, "vm1", rate=40_000)
     thread, outcome = start_endless_migration(a, b)
-    a.request("job-control", name="vm1", action="stop-and-copy")
+    ferry(a, "job-control", "vm1", "stop-and-copy")
     thread.join(60)
-    assert outcome["report"]["integrity"] == "ok"
-    assert "operator requested stop-and-copy" in outcome["report"]["decision"]
+    assert outcome["report"].integrity == "ok"
+    assert "operator requested stop-and-copy" in outcome["report"].decision
     assert_running_and_writing(b, "vm1")
 
 
@@ -164,20 +155,23 @@ def test_set_downtime_limit_mid_flight_changes_when_converge_switches_over(clust
     r = ferry(a, "job-control", "vm1", "set", "downtime_limit=10000")
     assert "downtime_limit = 10000" in r.stdout
     thread.join(60)
-    assert "within 10000 ms" in outcome["report"]["decision"]
-    assert outcome["report"]["integrity"] == "ok"
+    assert "within 10000 ms" in outcome["report"].decision
+    assert outcome["report"].integrity == "ok"
+    assert outcome["report"].settings["downtime_limit"] == 10000.0
 
 
 def test_set_a_xen_limit_mid_flight(cluster):
     a, b = cluster.daemon("a"), cluster.daemon("b")
     create(a, "vm1", rate=40_000)
     thread, outcome = start_endless_migration(a, b)
+    bad = ferry(a, "job-control", "vm1", "set", "downtime_limit=5", check=False)
+    assert bad.returncode == 1 and "policy xen has no setting 'downtime_limit'" in bad.stderr
     r = ferry(a, "job-control", "vm1", "set", "max_dirty=1000000")
     assert "max_dirty = 1000000" in r.stdout
     thread.join(60)
-    assert "fewer than 1000000" in outcome["report"]["decision"]
-    bad = ferry(a, "job-control", "vm1", "set", "downtime_limit=soon", check=False)
-    assert bad.returncode == 1 and "no running job" in bad.stderr
+    assert "fewer than 1000000" in outcome["report"].decision
+    over = ferry(a, "job-control", "vm1", "set", "max_dirty=1", check=False)
+    assert over.returncode == 1 and "no running job" in over.stderr
 
 
 def test_destination_killed_mid_stream_resumes_the_source(cluster):
@@ -189,7 +183,7 @@ def test_destination_killed_mid_stream_resumes_the_source(cluster):
     assert not thread.is_alive()
     assert "error" in outcome and outcome["error"]
     assert_running_and_writing(a, "vm1")
-    assert a.request("info", name="vm1")["domain"]["job"] is None
+    assert a.call("info", name="vm1").job is None
     # the half-built destination domain removed itself with its toolstack
     deadline = time.monotonic() + 15
     while (
@@ -203,10 +197,10 @@ def test_wrong_auth_key_is_refused_before_anything_is_created(cluster):
     b = cluster.daemon("b")
     intruder = cluster.daemon("c", listen=False, key=cluster.write_key("other.key", "x" * 64))
     create(intruder, "vm1")
-    r = ferry(intruder, "migrate", "vm1", f"127.0.0.1:{b.port}", check=False)
+    r = ferry(intruder, "migrate", "vm1", b.address, check=False)
     assert r.returncode == 1 and "authentication" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    assert b.request("list")["domains"] == []
+    assert b.call("list") == []
     assert os.listdir(os.path.join(b.state, "domains")) == []
     assert_running_and_writing(intruder, "vm1")
 
@@ -215,21 +209,21 @@ def test_daemon_restart_reattaches_running_domains(cluster):
     a = cluster.daemon("a", listen=False)
     create(a, "vm1")
     create(a, "vm2", rate=0)
-    a.request("pause", name="vm2")
+    a.call("pause", name="vm2")
     create(a, "vm3")
     assert a.stop() == 0
     vm3 = os.path.join(a.state, "domains", "vm3")
     for pid in processes_mentioning(vm3 + ".sock"):  # dies while no ferryd watches
         os.kill(pid, signal.SIGKILL)
     a.start()
-    listed = {d["name"]: d["state"] for d in a.request("list")["domains"]}
+    listed = {d.name: d.state for d in a.call("list")}
     assert listed == {"vm1": "running", "vm2": "paused"}
     assert not os.path.exists(vm3 + ".json") and not os.path.exists(vm3 + ".sock")
     assert_running_and_writing(a, "vm1")
     # A re-attached runner is not this ferryd's child; destroy still returns
     # only once it has exited, as it does for a runner the daemon started.
     for name in ("vm1", "vm2"):
-        a.request("destroy", name=name)
+        a.call("destroy", name=name)
         assert processes_mentioning(os.path.join(a.state, "domains", name + ".sock")) == []
 
 
@@ -247,14 +241,7 @@ def test_cli_errors_are_one_line(cluster, short_tmp):
         assert r.returncode == 1 and text in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "toolstack",
-            "--connect",
-            os.path.join(short_tmp, "no.sock"),
-            "list",
-        ],
+        [FERRY, "--connect", os.path.join(short_tmp, "no.sock"), "list"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -267,7 +254,7 @@ def test_save_and_restore_through_the_cli(cluster, short_tmp):
     create(a, "vm1", rate=5_000)
     path = os.path.join(short_tmp, "vm1.save")
     ferry(a, "save", "vm1", path, "--live")
-    assert a.request("list")["domains"] == []
+    assert a.call("list") == []
     assert "valid xl stream" in ferry(a, "verify-stream", path).stdout
     ferry(a, "restore", path, "--paused")
     digest = ferry(a, "digest", "vm1").stdout.strip()
@@ -286,44 +273,55 @@ def test_daemon_stop_mid_migration_resumes_the_source(cluster, signum):
     assert "error" in outcome
     a.start()
     assert_running_and_writing(a, "vm1")
-    assert b.request("list")["domains"] == []
+    deadline = time.monotonic() + 15
+    while b.call("list") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b.call("list") == []
 
 
 def test_garbage_and_hostile_requests_on_the_migration_port(cluster):
-    import socket as sk
-
-    from protocol import auth
-    from protocol.control import HEADER_SIZE, body_length, decode_body, encode_frame
-
     b = cluster.daemon("b")
-    # no key: random bytes, then a short read, then silence: refused, nothing created
-    for junk in (os.urandom(200), auth.HELLO + bytes(10), b""):
-        with sk.create_connection(("127.0.0.1", b.port), timeout=15) as s:
-            s.sendall(junk)
-            s.shutdown(sk.SHUT_WR)
-            try:  # the daemon may answer a nonce, but it ends the line
+    # no key: random bytes, a huge frame length, then silence: refused, nothing created
+    for junk in (os.urandom(200), b"\xff\xff\xff\xff" + bytes(16), b""):
+        with socket.create_connection(("127.0.0.1", b.port), timeout=15) as s:
+            try:  # the daemon may answer, but it ends the line (perhaps before we finish)
+                s.sendall(junk)
+                s.shutdown(socket.SHUT_WR)
                 while s.recv(4096):
                     pass
-            except ConnectionResetError:
+            except OSError:
                 pass
-    # with the key, but a hostile request: one clear error
+    # with the key, but a request out of order, and one with a hostile config
     key = open(cluster.key, "rb").read().strip()
-    with sk.create_connection(("127.0.0.1", b.port), timeout=15) as s:
-        nonce = auth.new_nonce()
-        s.sendall(auth.HELLO + nonce)
-        answer = s.recv(64, sk.MSG_WAITALL)
-        assert auth.verify(key, b"server", nonce, answer[:32], answer[32:])
-        s.sendall(auth.proof(key, b"client", nonce, answer[:32]))
-        assert s.recv(len(auth.ACCEPT), sk.MSG_WAITALL) == auth.ACCEPT
-        config = json.dumps({"name": "vm1", "memory_bytes": -1}).encode()
-        s.sendall(encode_frame({"op": "migrate", "config": config, "verify": False}))
-        reply = decode_body(
-            s.recv(body_length(s.recv(HEADER_SIZE, sk.MSG_WAITALL)), sk.MSG_WAITALL)
-        )
-        assert reply["ok"] is False and "bad domain config" in reply["error"]
-    assert b.request("list")["domains"] == []
+    peer = Peer.connect(b.port)
+    try:
+        peer.authenticate(key)
+        peer.sock.sendall(peer.handshake._rpc.send_call(msgs.Go()))
+        reply = peer.handshake._rpc
+        reply.receive_data(peer.sock.recv(4096))
+        refusal = reply.next_event()
+        assert isinstance(refusal, ErrorReply) and "go is not allowed in state" in refusal.text
+        assert peer.sock.recv(4096) == b""  # and the line ends
+    finally:
+        peer.close()
+    peer = Peer.connect(b.port)
+    try:
+        peer.authenticate(key)
+
+        class HostileMigrate:  # what a generated Migrate would not let us build
+            SPEC = msgs.Migrate.SPEC
+
+            def to_args(self):
+                config = {"name": "../vm1", "memory_bytes": -1}
+                return {"config": config, "migration_id": "0" * 32}
+
+        reply = peer.call(HostileMigrate())
+        assert isinstance(reply, ErrorReply) and "migrate.config.name" in reply.text
+    finally:
+        peer.close()
+    assert b.call("list") == []
     assert os.listdir(os.path.join(b.state, "domains")) == []
-    assert b.request("ping")["listen_port"] == b.port
+    assert b.call("ping").listen_port == b.port
 
 
 def test_migrate_progress_line_on_a_terminal(cluster):
@@ -331,16 +329,7 @@ def test_migrate_progress_line_on_a_terminal(cluster):
 
     a, b = cluster.daemon("a"), cluster.daemon("b")
     create(a, "vm1", memory=128 * MiB, rate=20_000)
-    cmd = [
-        sys.executable,
-        "-m",
-        "toolstack",
-        "--connect",
-        a.socket,
-        "migrate",
-        "vm1",
-        f"127.0.0.1:{b.port}",
-    ]
+    cmd = [FERRY, "--connect", a.socket, "migrate", "vm1", b.address]
     main, child = pty.openpty()
     proc = subprocess.Popen(cmd, stdout=child, stderr=child, stdin=subprocess.DEVNULL)
     os.close(child)
@@ -363,68 +352,50 @@ def test_migrate_progress_line_on_a_terminal(cluster):
 
 def test_a_destination_that_sends_nonsense_fails_the_migration_cleanly(cluster):
     """A fake destination that authenticates, then answers garbage."""
-    import socket as sk
-
-    from protocol import auth
-    from protocol.control import HEADER_SIZE, body_length
-
     a = cluster.daemon("a")
     create(a, "vm1")
     key = open(cluster.key, "rb").read().strip()
-    listener = sk.create_server(("127.0.0.1", 0))
+    listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
     def fake_destination():
-        conn, _ = listener.accept()
-        with conn:
-            hello = conn.recv(len(auth.HELLO) + 32, sk.MSG_WAITALL)
-            nonce = auth.new_nonce()
-            conn.sendall(nonce + auth.proof(key, b"server", hello[len(auth.HELLO) :], nonce))
-            conn.recv(32, sk.MSG_WAITALL)
-            conn.sendall(auth.ACCEPT)
-            conn.recv(body_length(conn.recv(HEADER_SIZE, sk.MSG_WAITALL)), sk.MSG_WAITALL)
-            conn.sendall(b"\x00\x00\x00\x03\x93\x01\x02")  # a msgpack list, not a map
+        peer = serve_as_destination(listener, key)
+        try:
+            peer.next_event()  # migrate
+            peer.sock.sendall(b"\x00\x00\x00\x03\x93\x01\x02")  # not a reply frame
+        finally:
+            peer.close()
 
     thread = threading.Thread(target=fake_destination)
     thread.start()
     r = ferry(a, "migrate", "vm1", f"127.0.0.1:{port}", check=False)
     thread.join(30)
     listener.close()
-    assert r.returncode == 1 and "destination sent nonsense" in r.stderr
+    assert r.returncode == 1 and "broke the handshake" in r.stderr
     assert_running_and_writing(a, "vm1")
 
 
 def test_a_watching_client_that_leaves_does_not_end_the_migration(cluster):
-    from toolstack.client import DaemonClient
-
     a, b = cluster.daemon("a"), cluster.daemon("b")
     create(a, "vm1", memory=64 * MiB, rate=40_000)
-    client = DaemonClient(a.socket)
     seen = []
 
     class Leave(Exception):
         pass
 
-    def on_progress(p):
-        seen.append(p)
+    def on_progress(job):
+        seen.append(job)
         raise Leave
 
     settings = {"max_dirty": 0, "max_iterations": 8}
+    client = DaemonClient(a.socket, on_progress=on_progress)
     with pytest.raises(Leave):
-        client.request(
-            "migrate",
-            name="vm1",
-            address=f"127.0.0.1:{b.port}",
-            policy="xen",
-            settings=settings,
-            watch=True,
-            on_progress=on_progress,
-        )
+        client.migrate(name="vm1", address=b.address, policy="xen", settings=settings, watch=True)
     client.close()
-    assert seen and seen[0]["kind"] == "migrate"
+    assert seen and seen[0].kind == "migrate"
     deadline = time.monotonic() + 60
-    while a.request("job", name="vm1")["running"]:
+    while a.call("job", name="vm1").running:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert a.request("job", name="vm1")["job"]["phase"] == "completed"
+    assert a.call("job", name="vm1").phase == "completed"
     assert_running_and_writing(b, "vm1")

@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 
 from protocol._gen_helper_msgs import PrecopyDecision, PrecopyStats
-from toolstack.estimate import Estimator
-from toolstack.policies import ConvergePolicy, XenPolicy, make_policy
-from toolstack.stats import JobStats
+from toolstack.host.stats import JobStats
+from toolstack.policies import ConvergePolicy, PolicyRegistry, XenPolicy
+from toolstack.policies.estimate import Estimator
+
+
+def make_policy(name, **settings):
+    return PolicyRegistry().make(name, settings)
+
 
 MS = 1_000_000
 CONTINUE, STOP, ABORT = (
@@ -83,10 +88,10 @@ def feed_bandwidth(p, mb_per_s: float, iteration=1, dirty=1000, remaining=1000, 
 
 
 def test_converge_never_decides_on_iteration_0_nor_without_a_100ms_window():
-    p = Steered(ConvergePolicy(downtime_limit=300))
+    p = Steered(make_policy("converge", downtime_limit=300))
     assert p.ask(stats(0, -1, remaining=10, total_bytes=1_000, t_ms=0)) == CONTINUE
     assert p.ask(stats(0, -1, remaining=0, total_bytes=10**9, t_ms=500)) == CONTINUE
-    q = Steered(ConvergePolicy(downtime_limit=300))
+    q = Steered(make_policy("converge", downtime_limit=300))
     # iteration 1 but only 50 ms of samples: bandwidth unknown, keep copying
     assert q.ask(stats(1, 10, remaining=10, total_bytes=0, t_ms=0)) == CONTINUE
     assert q.ask(stats(1, 10, remaining=10, total_bytes=10**8, t_ms=50)) == CONTINUE
@@ -95,18 +100,18 @@ def test_converge_never_decides_on_iteration_0_nor_without_a_100ms_window():
 
 def test_converge_switches_when_expected_downtime_fits_the_limit():
     # 100 MB/s; 1000 pages left = 4.1 MB = ~41 ms
-    p = Steered(ConvergePolicy(downtime_limit=300))
+    p = Steered(make_policy("converge", downtime_limit=300))
     assert feed_bandwidth(p, 100, remaining=1000) == STOP
     assert p.estimate.bandwidth == pytest.approx(100e6, rel=0.05)
     assert "within 300 ms" in p.policy.reason
     # same bandwidth, 100,000 pages left = ~4 s: keep copying
-    q = Steered(ConvergePolicy(downtime_limit=300))
+    q = Steered(make_policy("converge", downtime_limit=300))
     assert feed_bandwidth(q, 100, remaining=100_000) == CONTINUE
     assert q.estimate.expected_downtime_ms == pytest.approx(4096, rel=0.05)
 
 
 def test_converge_counts_pages_redirtied_since_the_iteration_began():
-    p = Steered(ConvergePolicy(downtime_limit=300))
+    p = Steered(make_policy("converge", downtime_limit=300))
     # iteration 1 lasted 1 s and its end found 50,000 dirty pages: 50k pages/s
     p.ask(stats(1, 20_000, remaining=20_000, total_bytes=0, t_ms=0))
     p.ask(stats(1, 20_000, remaining=0, total_bytes=400_000_000, t_ms=1000))
@@ -118,18 +123,18 @@ def test_converge_counts_pages_redirtied_since_the_iteration_began():
 
 
 def test_converge_fallbacks_after_max_iterations_or_timeout():
-    p = Steered(ConvergePolicy(downtime_limit=1, max_iterations=3))
+    p = Steered(make_policy("converge", downtime_limit=1, max_iterations=3))
     assert feed_bandwidth(p, 10, iteration=2, remaining=100_000) == CONTINUE
     assert p.ask(stats(3, 100_000, remaining=100_000, total_bytes=4_000_000, t_ms=400)) == STOP
     assert "3 iterations" in p.policy.reason and "stop-and-copy" in p.policy.reason
-    q = Steered(ConvergePolicy(downtime_limit=1, precopy_timeout=0.2, fallback="abort"))
+    q = Steered(make_policy("converge", downtime_limit=1, precopy_timeout=0.2, fallback="abort"))
     assert q.ask(stats(1, 10**5, remaining=10**5, t_ms=0)) == CONTINUE
     assert q.ask(stats(1, 10**5, remaining=10**5, t_ms=250)) == ABORT
     assert "timeout" in q.policy.reason
 
 
 def test_converge_downtime_limit_0_leaves_only_the_fallbacks():
-    p = Steered(ConvergePolicy(downtime_limit=0, max_iterations=1000))
+    p = Steered(make_policy("converge", downtime_limit=0, max_iterations=1000))
     assert feed_bandwidth(p, 100, remaining=0, dirty=0) == CONTINUE
     assert p.estimate.expected_downtime_ms == 0
 
@@ -138,7 +143,7 @@ def test_operator_requests_and_live_settings():
     p = Steered(ConvergePolicy())
     p.policy.request(ABORT)
     assert p.ask(stats(0)) == ABORT and "operator" in p.policy.reason
-    q = Steered(ConvergePolicy(downtime_limit=10))
+    q = Steered(make_policy("converge", downtime_limit=10))
     assert feed_bandwidth(q, 100, remaining=1000) == CONTINUE  # ~41 ms > 10 ms
     q.policy.set("downtime_limit", "50")
     assert q.ask(stats(1, 1000, remaining=1000, total_bytes=30_000_000, t_ms=310)) == STOP
@@ -154,7 +159,7 @@ def test_operator_requests_and_live_settings():
 
 def test_bandwidth_is_the_lower_of_the_window_and_the_whole_run():
     # 100 MB/s for 1 s of data, then 1 GB/s for 150 ms of never-touched pages
-    p = Steered(ConvergePolicy(downtime_limit=1))
+    p = Steered(make_policy("converge", downtime_limit=1))
     p.ask(stats(0, -1, total_bytes=0, t_ms=0))
     p.ask(stats(0, -1, total_bytes=100_000_000, t_ms=1000))
     p.ask(stats(0, -1, total_bytes=250_000_000, t_ms=1150))

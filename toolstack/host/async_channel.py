@@ -1,4 +1,7 @@
-"""The trio side of an RPC channel: RpcConnection over a trio stream."""
+"""The trio side of an RPC channel: RpcConnection over a trio stream.
+
+ferryd talks to runners, helpers and control clients through it;
+the blocking side of the same thing is hypervisor.channel.SyncChannel."""
 
 from __future__ import annotations
 

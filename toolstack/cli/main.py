@@ -1,21 +1,25 @@
-"""`ferry`: the command line.  Errors are one line on stderr, never a traceback."""
+"""`ferry`: the command line.  Errors are one line on stderr (with --json,
+a CliError object on stdout), never a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bench.command import Bench
+from protocol._gen_control_msgs import CliError as CliErrorReport
 
-from . import cli_commands
+from .bench import Bench
+from .commands import DOMAIN_COMMANDS, CliError, emit_json
 from .demo import Demo
+from .jobs import JOB_COMMANDS
+from .verify import VerifyStream
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="live-migration toolstack")
     parser.add_argument("--connect", metavar="SOCK", help="ferryd control socket")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in [*cli_commands.COMMANDS, Demo, Bench]:
+    for command in [*DOMAIN_COMMANDS, *JOB_COMMANDS, VerifyStream, Demo, Bench]:
         command.add_parser(sub)
     return parser
 
@@ -24,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except cli_commands.CliError as exc:
-        print(f"ferry: {exc}", file=sys.stderr)
+    except CliError as exc:
+        if getattr(args, "json", False):
+            emit_json(CliErrorReport(error=str(exc), command=args.command))
+        else:
+            print(f"ferry: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ferry: interrupted", file=sys.stderr)

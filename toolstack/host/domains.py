@@ -9,8 +9,8 @@ crashes, and `Host.reattach()` finds them again from the state dir.
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import select
 import signal
 import socket
@@ -18,15 +18,16 @@ import struct
 import subprocess
 
 import trio
-from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from hypervisor import runner_command
+from hypervisor._gen_stubs import AsyncRunnerStubs
+from protocol import ProtocolError
 from protocol import _gen_runner_msgs as msgs
+from protocol._gen_control_msgs import DomainConfig, DomainInfo
 from protocol.limits import PAGE_SIZE
 
-from .channel import AsyncChannel, ChannelError
+from .async_channel import AsyncChannel, ChannelError
 
-NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RUNNER_START_TIMEOUT = 30.0
 
 
@@ -34,57 +35,23 @@ class ToolstackError(Exception):
     """A user-facing failure of a toolstack operation, one line."""
 
 
-class DomainConfig(BaseModel):
-    """What a domain is: saved in the state dir, in save files and sent to a
-    migration destination, so it is validated like any input from outside."""
+def workload(config: DomainConfig) -> msgs.Workload:
+    return msgs.Workload(config.dirty_rate, config.working_set, config.skew, config.seed)
 
-    model_config = {"extra": "forbid"}
 
-    name: str
-    memory_bytes: int = Field(gt=0, le=1 << 40)
-    backend: str = "sim"
-    dirty_rate: float = Field(default=0.0, ge=0, le=10_000_000)
-    working_set: float = Field(default=1.0, ge=0, le=1)
-    skew: float = Field(default=0.0, ge=0, le=1)
-    seed: int = Field(default=1, ge=0, lt=1 << 63)
+def config_to_json(config: DomainConfig) -> bytes:
+    """The form kept in the state dir and in save files."""
+    return json.dumps(config.to_wire(), sort_keys=True, separators=(",", ":")).encode()
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RULE.match(v):
-            raise ValueError("names are 1-64 letters, digits, '.', '_' or '-'")
-        return v
 
-    @field_validator("memory_bytes")
-    @classmethod
-    def _pages(cls, v: int) -> int:
-        if v % PAGE_SIZE:
-            raise ValueError(f"memory must be a multiple of {PAGE_SIZE} bytes")
-        return v
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, v: str) -> str:
-        if v not in ("sim", "kvm"):
-            raise ValueError("backend is sim or kvm")
-        return v
-
-    @property
-    def workload(self) -> msgs.Workload:
-        return msgs.Workload(self.dirty_rate, self.working_set, self.skew, self.seed)
-
-    def to_json(self) -> bytes:
-        """The form kept in the state dir, save files and migration requests."""
-        return self.model_dump_json().encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> DomainConfig:
-        try:
-            return cls.model_validate_json(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "config"
-            raise ToolstackError(f"bad domain config: {where}: {first['msg']}") from None
+def config_from_json(raw: bytes | str, where: str = "domain config") -> DomainConfig:
+    """A config read from a file or a peer, checked by the schema's rules."""
+    try:
+        return DomainConfig.from_wire(json.loads(raw), where)
+    except (ValueError, RecursionError) as exc:  # not JSON
+        raise ToolstackError(f"bad {where}: not JSON ({exc})") from None
+    except ProtocolError as exc:
+        raise ToolstackError(f"bad {exc}") from None
 
 
 class Domain:
@@ -110,36 +77,52 @@ class Domain:
         return self.host.path(self.name, "sock")
 
     async def connect(self) -> RunnerLink:
+        """A connection of our own to the runner: `await link.pause()`."""
         try:
             stream = await trio.open_unix_socket(self.control_path)
         except OSError as exc:
             raise ToolstackError(
                 f"domain {self.name}: runner unreachable ({exc.strerror})"
             ) from None
-        return RunnerLink(self, stream)
+        return RunnerLink(_RunnerChannel(self.name, stream))
 
-    async def call(self, name: str, *args):
-        """One hypercall on a fresh connection (cheap: a unix socket)."""
-        link = await self.connect()
-        async with link:
-            return await link.call(name, *args)
+    @property
+    def runner(self) -> AsyncRunnerStubs:
+        """Hypercalls, each on a fresh connection (cheap: a unix socket):
+        `await domain.runner.pause()`."""
+        return AsyncRunnerStubs(_OneCallChannel(self))
 
 
-class RunnerLink:
-    """A connection to a runner; `await link.call("pause")`."""
+class _RunnerChannel:
+    """An AsyncChannel to a runner whose failures are one-line ToolstackErrors."""
 
-    def __init__(self, domain: Domain, stream) -> None:
-        self.domain = domain
+    def __init__(self, domain_name: str, stream) -> None:
+        self.domain_name = domain_name
         self.channel = AsyncChannel(stream, msgs.TABLE, sends=msgs.DIRECTION, receives=None)
 
-    async def call(self, name: str, *args):
-        spec = next(s for s in msgs.TABLE.values() if s.name == name)
+    async def call(self, message):
         try:
-            return await self.channel.call(spec.model(*args))
+            return await self.channel.call(message)
         except ChannelError as exc:
-            raise ToolstackError(f"domain {self.domain.name}: {exc}") from None
+            raise ToolstackError(f"domain {self.domain_name}: {exc}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise ToolstackError(f"domain {self.domain.name}: runner connection lost") from None
+            raise ToolstackError(f"domain {self.domain_name}: runner connection lost") from None
+
+    async def aclose(self) -> None:
+        await self.channel.aclose()
+
+
+class _OneCallChannel:
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+
+    async def call(self, message):
+        async with await self.domain.connect() as link:
+            return await link.channel.call(message)
+
+
+class RunnerLink(AsyncRunnerStubs):
+    """A connection to a runner, closed by `async with`."""
 
     async def __aenter__(self):
         return self
@@ -242,14 +225,14 @@ class Host:
 
     def _save_config(self, domain: Domain) -> None:
         tmp = self.path(domain.name, "json.tmp")
-        with open(tmp, "w") as f:
-            f.write(domain.config.to_json().decode())
+        with open(tmp, "wb") as f:
+            f.write(config_to_json(domain.config))
         os.rename(tmp, self.path(domain.name, "json"))
 
     async def _start_runner(self, domain: Domain, paused: bool, incoming: bool) -> None:
         c = domain.config
         cmd = runner_command(
-            c.name, c.memory_bytes, domain.control_path, c.backend, c.workload, incoming, paused
+            c.name, c.memory_bytes, domain.control_path, c.backend, workload(c), incoming, paused
         )
         proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
         try:
@@ -276,7 +259,7 @@ class Host:
 
     async def _destroy(self, domain: Domain) -> None:
         try:
-            await domain.call("destroy")
+            await domain.runner.destroy()
         except ToolstackError:
             pass  # already gone
         await self._drop_keeper(domain)
@@ -306,8 +289,8 @@ class Host:
             if not entry.endswith(".json"):
                 continue
             try:
-                with open(os.path.join(folder, entry)) as f:
-                    config = DomainConfig.from_json(f.read())
+                with open(os.path.join(folder, entry), "rb") as f:
+                    config = config_from_json(f.read(), f"state file {entry}")
             except (OSError, ToolstackError):
                 continue
             domain = Domain(self, config)
@@ -324,7 +307,7 @@ class Host:
         link = await domain.connect()
         async with link:
             try:
-                runner = AdoptedRunner(peer_pid(link.channel.stream))
+                runner = AdoptedRunner(peer_pid(link.channel.channel.stream))
             except OSError as exc:
                 raise ToolstackError(
                     f"domain {domain.name}: runner gone ({exc.strerror})"
@@ -332,20 +315,32 @@ class Host:
             try:
                 # Answering after the pidfd was opened proves the pid was
                 # still the runner's, not a reused one.
-                await link.call("getinfo")
+                await link.getinfo()
             except BaseException:
                 runner.close()
                 raise
         return runner
 
-    async def info(self, domain: Domain) -> dict:
-        info = await domain.call("getinfo")
-        return {
-            "name": domain.name,
-            "state": info.state.name.lower(),
-            "backend": info.backend,
-            "memory_bytes": info.pages * PAGE_SIZE,
-            "writes": info.writes,
-            "guest_check": info.guest_check,
-            "job": domain.busy,
-        }
+    async def info(self, domain: Domain) -> DomainInfo:
+        """What `ferry list` shows; a runner that does not answer is 'unreachable'."""
+        try:
+            info = await domain.runner.getinfo()
+        except ToolstackError:
+            return DomainInfo(
+                name=domain.name,
+                state="unreachable",
+                backend=domain.config.backend,
+                memory_bytes=domain.config.memory_bytes,
+                job=domain.busy,
+                config=domain.config,
+            )
+        return DomainInfo(
+            name=domain.name,
+            state=info.state.name.lower(),
+            backend=info.backend,
+            memory_bytes=info.pages * PAGE_SIZE,
+            writes=info.writes,
+            guest_check=info.guest_check,
+            job=domain.busy,
+            config=domain.config,
+        )

@@ -24,10 +24,10 @@ from protocol import Call, ProtocolError
 from protocol import _gen_helper_msgs as msgs
 from protocol._gen_helper_msgs import PrecopyDecision
 
+from ..policies import DEFAULT_BUDGET_MS, Policy, decide
 from ._gen_helper_dispatch import ToolstackHandlers
-from .channel import AsyncChannel, ChannelError
+from .async_channel import AsyncChannel, ChannelError
 from .domains import Domain, ToolstackError
-from .policies import Policy
 from .stats import JobStats
 
 log = logging.getLogger("ferry.helper")
@@ -49,11 +49,19 @@ def helper_command() -> list[str]:
 class HelperCallbacks(ToolstackHandlers):
     """The toolstack's side of the callback table, for one job."""
 
-    def __init__(self, domain: Domain, stats: JobStats, policy: Policy | None = None):
+    def __init__(
+        self,
+        domain: Domain,
+        stats: JobStats,
+        policy: Policy | None = None,
+        budget_ms: float = DEFAULT_BUDGET_MS,
+    ):
         self.domain = domain
         self.stats = stats
         self.policy = policy
+        self.budget_ms = budget_ms
         self.completed: tuple[int, int, str] | None = None
+        self.abort_reason = ""  # why the policy answered ABORT, if it did
         self.suspended = False
         self.restored_pages = 0
         self.process = None  # the helper's trio Process while it runs
@@ -71,7 +79,7 @@ class HelperCallbacks(ToolstackHandlers):
         self.stats.record_progress(done, total)
 
     async def on_suspend(self) -> bool:
-        await self.domain.call("pause")
+        await self.domain.runner.pause()
         self.suspended = True
         self.stats.record_suspend()
         return True
@@ -108,13 +116,17 @@ class HelperCallbacks(ToolstackHandlers):
         s.phase = "precopy"
         decision = PrecopyDecision.STOP_AND_COPY
         if self.policy:
-            decision = self.policy.decide(stats, s.estimate)
+            decision = decide(self.policy, stats, s.estimate, self.budget_ms)
         if decision == PrecopyDecision.POSTCOPY:
             # not implemented yet: never answer it (the helper would refuse)
             decision = PrecopyDecision.STOP_AND_COPY
         if self.policy:
             if decision != PrecopyDecision.CONTINUE_PRECOPY:
                 s.decision = f"{decision.name.lower()}: {self.policy.reason}"
+                if decision == PrecopyDecision.ABORT:
+                    self.abort_reason = (
+                        f"policy {self.policy.name} aborted the migration: {self.policy.reason}"
+                    )
                 log.info("%s: %s", self.domain.name, s.decision)
         return decision
 
@@ -169,7 +181,9 @@ async def run_helper(
             await channel.aclose()
     retval, errnoval, message = callbacks.completed
     if retval != 0:
-        raise HelperFailed(message or f"{mode} helper failed (errno {errnoval})")
+        raise HelperFailed(
+            callbacks.abort_reason or message or f"{mode} helper failed (errno {errnoval})"
+        )
 
 
 async def _serve(channel: AsyncChannel, callbacks: HelperCallbacks, timeout: float, mode: str):
@@ -194,6 +208,8 @@ async def _serve(channel: AsyncChannel, callbacks: HelperCallbacks, timeout: flo
                     await channel.send(channel.conn.send_reply(reply))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     raise _HelperDied from None
+                if isinstance(event.message, msgs.PrecopyPolicy):
+                    callbacks.stats.record_answer(event.message.stats.time_ns)
     if silence.cancelled_caught:
         raise HelperFailed(f"{mode} helper sent nothing for {timeout:g} s; killed it")
 

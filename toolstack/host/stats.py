@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from protocol._gen_control_msgs import Iteration as IterationReport
+from protocol._gen_control_msgs import JobReport
 from protocol.libxc import page_data_size
 from protocol.limits import PAGE_SIZE
 
-from .estimate import Estimator
+from ..policies import Estimator
 
 
 @dataclass
@@ -47,6 +49,9 @@ class JobStats:
     suspended_ns: int | None = None
     resumed_ns: int | None = None  # destination unpaused (or the save finished)
     policy_calls: int = 0
+    # Each policy round trip: the helper's call sent (its stats' time_ns) to
+    # ferryd's answer leaving (both on CLOCK_MONOTONIC of this host).
+    policy_rtts_us: list[float] = field(default_factory=list)
     # How long the helper was blocked for each answer, as it timed it: the
     # round trip less whatever it prepared meanwhile (the next batch).
     policy_waits_us: list[float] = field(default_factory=list)
@@ -55,6 +60,8 @@ class JobStats:
     helper_peak_rss: int | None = None  # VmHWM of the helper when it completed
     decision: str = ""  # the last non-continue decision and why
     source_digest: str = ""  # RAM digest of the suspended source, when asked for
+    peer: str | None = None  # a migration's other daemon
+    verify: dict = field(default_factory=dict)  # integrity, digests, verify_ms (migrate --verify)
     stream_start_ns: int | None = None  # the helper's first write
     stream_end_ns: int | None = None  # the helper's `complete`
     error: str = ""
@@ -83,6 +90,10 @@ class JobStats:
         self.pages_sent = stats.total_written
         self.bytes_sent = stats.total_bytes
         self.remaining_pages = stats.iter_remaining
+
+    def record_answer(self, sent_ns: int) -> None:
+        """The policy's answer to the call the helper sent at `sent_ns` has left."""
+        self.policy_rtts_us.append((time.monotonic_ns() - sent_ns) / 1e3)
 
     def record_suspend(self) -> None:
         """Stop and copy begins: the next pages go into the final pass (the
@@ -133,35 +144,47 @@ class JobStats:
             return None
         return round(self.policy_wait_ns / self.precopy_ns, 4)
 
-    def to_dict(self) -> dict:
+    def report(self, running: bool, policy=None) -> JobReport:
+        """What `ferry job` shows (the JSON keys are JobReport's fields)."""
         e = self.estimate
-        processed = self.pages_sent * PAGE_SIZE
         remaining = None if self.remaining_pages is None else self.remaining_pages * PAGE_SIZE
-        return {
-            "kind": self.kind,
-            "domain": self.domain,
-            "phase": self.phase,
-            "iteration": max(0, len(self.iterations) - 1),
-            "elapsed_ms": round(self.elapsed_ms, 1),
-            "memory_total": self.memory_bytes,
-            "memory_processed": processed,
-            "memory_remaining": remaining,
-            "pages_sent": self.pages_sent,
-            "bytes_sent": self.bytes_sent,
-            "dirty_rate_pages_s": _round(e.dirty_rate),
-            "bandwidth_mb_s": _round(e.bandwidth and e.bandwidth / 1e6),
-            "expected_downtime_ms": _round(e.expected_downtime_ms),
-            "downtime_ms": _round(self.downtime_ms),
-            "stream_ms": _round(self.stream_ms),
-            "iterations": [vars(it) for it in self.iterations],
-            "policy_rpcs": self.policy_calls,
-            "policy_wait_p50_us": _round(percentile(self.policy_waits_us, 0.5)),
-            "policy_wait_p99_us": _round(percentile(self.policy_waits_us, 0.99)),
-            "policy_share_of_precopy": self.policy_share_of_precopy,
-            "helper_peak_rss": self.helper_peak_rss,
-            "decision": self.decision,
-            "error": self.error,
-        }
+        return JobReport(
+            kind=self.kind,
+            domain=self.domain,
+            phase=self.phase,
+            running=running,
+            iteration=max(0, len(self.iterations) - 1),
+            elapsed_ms=round(self.elapsed_ms, 1),
+            memory_total_bytes=self.memory_bytes,
+            memory_processed_bytes=self.pages_sent * PAGE_SIZE,
+            memory_remaining_bytes=remaining,
+            pages_sent=self.pages_sent,
+            bytes_sent=self.bytes_sent,
+            dirty_rate_pages_s=_round(e.dirty_rate),
+            bandwidth_mb_s=_round(e.bandwidth and e.bandwidth / 1e6),
+            expected_downtime_ms=_round(e.expected_downtime_ms),
+            downtime_ms=_round(self.downtime_ms),
+            stream_ms=_round(self.stream_ms),
+            iterations=[
+                IterationReport(
+                    pages=it.pages, bytes=it.bytes, dirty_at_start=it.dirty_at_start, final=it.final
+                )
+                for it in self.iterations
+            ],
+            policy=policy.name if policy else None,
+            settings=policy.settings() if policy else {},
+            policy_rpcs=self.policy_calls,
+            policy_rpc_p50_us=_round(percentile(self.policy_rtts_us, 0.5)),
+            policy_rpc_p99_us=_round(percentile(self.policy_rtts_us, 0.99)),
+            policy_wait_p50_us=_round(percentile(self.policy_waits_us, 0.5)),
+            policy_wait_p99_us=_round(percentile(self.policy_waits_us, 0.99)),
+            policy_share_of_precopy=self.policy_share_of_precopy,
+            helper_peak_rss_bytes=self.helper_peak_rss,
+            decision=self.decision,
+            error=self.error,
+            peer=self.peer,
+            **self.verify,
+        )
 
 
 def _round(value: float | None) -> float | None:

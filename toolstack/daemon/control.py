@@ -1,0 +1,188 @@
+"""The daemon's control API: one handler per operation of protocol/control_msgs.toml.
+
+A `ControlSession` serves one client connection: calls come in decoded and
+checked by the generated table (an unknown operation or field never gets
+this far), each is dispatched to `on_<operation>`, and its value goes back
+as the reply.  A failure is one line in an error reply.  Long operations
+(save, restore, migrate) start a job in the daemon's job nursery and wait
+for it, sending `progress` while they wait when the client asked to watch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from protocol import Call, ProtocolError
+from protocol import _gen_control_msgs as msgs
+from protocol._gen_control_msgs import DaemonInfo, DomainInfo, JobReport, PolicyInfo
+
+from ..host import HelperFailed, Job, JobStats, ToolstackError
+from ..host.async_channel import AsyncChannel, ChannelError
+from ..host.savefile import open_save_file, rename, restore_domain, save_domain
+from ..migration import migrate_send
+from ..policies import PolicyError
+from ._gen_control_dispatch import DaemonHandlers
+
+log = logging.getLogger("ferry.control")
+PROGRESS_INTERVAL = 0.2  # s between progress messages of a watched job
+VERSION = "0.2.0"
+
+
+class ControlSession(DaemonHandlers):
+    def __init__(self, daemon, stream) -> None:
+        self.daemon = daemon
+        self.host = daemon.host
+        self.channel = AsyncChannel(
+            stream, msgs.TABLE, sends=msgs.REVERSE_DIRECTION, receives=msgs.DIRECTION
+        )
+
+    async def serve(self) -> None:
+        """Calls until the client leaves; a bug in one call does not end the daemon."""
+        conn = self.channel.conn
+        while True:
+            try:
+                event = await self.channel.next_event()
+            except ChannelError:
+                return  # the client left
+            except ProtocolError as exc:
+                # An unknown operation or field, a wrong type: refused in one line.
+                await self.channel.send(conn.send_protocol_error(exc))
+                if conn.broken:
+                    return
+                continue
+            if not isinstance(event, Call):
+                return
+            try:
+                reply = await self.dispatch(event.message)
+            except (ToolstackError, ProtocolError, PolicyError, HelperFailed) as exc:
+                await self.channel.send(conn.send_error(str(exc)))
+                continue
+            await self.channel.send(conn.send_reply(reply))
+
+    # -- domains -----------------------------------------------------------------
+    async def on_ping(self) -> DaemonInfo:
+        return DaemonInfo(
+            state_dir=self.host.state_dir,
+            listen_port=self.daemon.listen_port,
+            version=VERSION,
+            policies=list(self.daemon.policies.entries),
+        )
+
+    async def on_create(self, config, paused) -> DomainInfo:
+        domain = await self.host.create(config, paused=paused)
+        return await self.host.info(domain)
+
+    async def on_list(self) -> list[DomainInfo]:
+        return [await self.host.info(d) for d in list(self.host.domains.values())]
+
+    async def on_info(self, name) -> DomainInfo:
+        return await self.host.info(self.host.get(name))
+
+    async def on_pause(self, name) -> None:
+        await self._idle_domain(name).runner.pause()
+
+    async def on_unpause(self, name) -> None:
+        await self._idle_domain(name).runner.unpause()
+
+    async def on_destroy(self, name) -> None:
+        await self.host.destroy(self._idle_domain(name))
+
+    async def on_digest(self, name) -> str:
+        return await self.host.get(name).runner.digest()
+
+    async def on_guest_check(self, name) -> str:
+        return await self.host.get(name).runner.guest_check()
+
+    def _idle_domain(self, name: str):
+        """A domain no job owns: the only kind an operator's command may change."""
+        domain = self.host.get(name)
+        if domain.busy:
+            raise ToolstackError(
+                f"domain {name} belongs to a {domain.busy} job until it ends "
+                f"(see `ferry job {name}`)"
+            )
+        return domain
+
+    # -- jobs ----------------------------------------------------------------------
+    async def on_save(self, name, file, live, keep, policy, settings, watch) -> JobReport:
+        domain = self._idle_domain(name)
+        path = _absolute(file)
+        steer = self.daemon.policies.make(policy, settings) if live else None
+        job = Job(JobStats("save", name, domain.config.memory_bytes), steer, domain)
+
+        async def work(job: Job) -> None:
+            await save_domain(job, self.host, domain, path, live=live, keep=keep)
+
+        return await self._run(job, work, watch)
+
+    async def on_restore(self, file, name, paused, watch) -> JobReport:
+        path = _absolute(file)
+        fd, config = await trio.to_thread.run_sync(open_save_file, path)
+        try:
+            if name:
+                config = rename(config, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        job = Job(JobStats("restore", config.name, config.memory_bytes))
+
+        async def work(job: Job) -> None:
+            try:
+                await restore_domain(job, self.host, fd, path, config, paused)
+            finally:
+                os.close(fd)  # the job's, not the request's: a client may leave
+
+        return await self._run(job, work, watch)
+
+    async def on_migrate(self, name, address, policy, settings, verify, watch) -> JobReport:
+        domain = self._idle_domain(name)
+        key = self.daemon.auth_key
+        if key is None:
+            raise ToolstackError("this daemon has no --auth-key to authenticate to the destination")
+        steer = self.daemon.policies.make(policy, settings)  # a bad setting fails here, early
+        job = Job(JobStats("migrate", name, domain.config.memory_bytes), steer, domain)
+
+        async def work(job: Job) -> None:
+            await migrate_send(
+                self.host, job, domain, address, key, verify, self.daemon.policies.budget_ms
+            )
+
+        return await self._run(job, work, watch)
+
+    async def _run(self, job: Job, work, watch: bool) -> JobReport:
+        """Start the job in the daemon's nursery; wait for it, with progress when watched."""
+        self.daemon.start_job(job, work)
+        while job.running:
+            with trio.move_on_after(PROGRESS_INTERVAL):
+                await job.done.wait()
+            if watch and job.running:
+                await self.channel.call(msgs.Progress(job=job.report()))
+        if job.error:
+            raise ToolstackError(job.error)
+        return job.report()
+
+    async def on_job(self, name) -> JobReport:
+        job = self.daemon.jobs.get(name)
+        if job is None:
+            raise ToolstackError(f"no job for domain {name!r}")
+        return job.report()
+
+    async def on_job_control(self, name, action, key, value) -> str:
+        job = self.daemon.jobs.get(name)
+        if job is None or not job.running:
+            raise ToolstackError(f"no running job for domain {name!r}")
+        message = job.control(action, key, value)
+        log.info("%s: job-control: %s", name, message)
+        return message
+
+    async def on_policies(self) -> list[PolicyInfo]:
+        return [PolicyInfo.from_wire(p) for p in self.daemon.policies.describe()]
+
+
+def _absolute(path: str) -> str:
+    if not os.path.isabs(path):
+        raise ToolstackError(f"{path!r}: the daemon needs an absolute path")
+    return path

@@ -1,0 +1,103 @@
+"""`ferryd`: the daemon's command line.
+
+ferryd --state-dir DIR [--control SOCK] [--listen HOST:PORT] [--auth-key FILE]
+       [--policy-module PATH_OR_MODULE ...] [--policy-budget-ms MS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import trio
+
+from protocol.auth import MIN_KEY_SIZE
+
+from ..policies import DEFAULT_BUDGET_MS, PolicyError, PolicyRegistry
+from .sched import request_short_slice
+from .server import Daemon
+
+
+def read_key(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as exc:
+        raise SystemExit(f"ferryd: cannot read auth key {path}: {exc.strerror}") from None
+    if len(key) < MIN_KEY_SIZE:
+        raise SystemExit(f"ferryd: auth key in {path} is shorter than {MIN_KEY_SIZE} octets")
+    return key
+
+
+def load_policies(modules: list[str], budget_ms: float) -> PolicyRegistry:
+    """Builtins, then installed entry points, then each --policy-module."""
+    registry = PolicyRegistry(budget_ms)
+    try:
+        registry.load_entry_points()
+        for module in modules:
+            registry.load_module(module)
+    except PolicyError as exc:
+        raise SystemExit(f"ferryd: {exc}") from None
+    return registry
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferryd", description="ferry toolstack daemon")
+    p.add_argument("--state-dir", required=True, help="where domains and the control socket live")
+    p.add_argument("--control", help="control socket (default: STATE_DIR/control.sock)")
+    p.add_argument(
+        "--listen", metavar="HOST:PORT", help="accept migrations here (needs --auth-key)"
+    )
+    p.add_argument("--auth-key", metavar="FILE", help="shared key for migration peers")
+    p.add_argument(
+        "--policy-module",
+        action="append",
+        default=[],
+        metavar="PATH_OR_MODULE",
+        help="load precopy policies from a .py file or module defining POLICIES (repeatable)",
+    )
+    p.add_argument(
+        "--policy-budget-ms",
+        type=float,
+        default=DEFAULT_BUDGET_MS,
+        metavar="MS",
+        help=f"time a policy may take per answer (default {DEFAULT_BUDGET_MS:g})",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s ferryd %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.listen and not args.auth_key:
+        print(
+            "ferryd: --listen needs --auth-key: migrations are always authenticated",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.policy_budget_ms > 0:
+        print("ferryd: --policy-budget-ms must be positive", file=sys.stderr)
+        return 2
+    key = read_key(args.auth_key) if args.auth_key else None
+    policies = load_policies(args.policy_module, args.policy_budget_ms)
+    request_short_slice()  # answer helpers promptly even when the CPUs are busy
+    try:
+        daemon = Daemon(args.state_dir, args.control, args.listen, key, policies)
+        trio.run(daemon.run)
+    except OSError as exc:
+        print(f"ferryd: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bad --listen, for one
+        print(f"ferryd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Jobs: one save, restore or migration each, inspectable and steerable.
+
+Every job, whatever its kind, runs through `Job.run`, which
+
+- registers it (`ferry job NAME` finds it on the host where it runs, the
+  destination of a migration included) and marks its domain busy, so no
+  other operation touches the domain until the job ends;
+- runs it in a cancel scope of its own: `job-control abort` cancels it in
+  any phase before the commit point, whatever the job waits for (a
+  stopped helper, a silent destination);
+- undoes what it did when it fails: the undo steps the work registered
+  (resume the source, destroy a half-built domain) run last-first,
+  shielded from cancellation.  `commit()` marks the point after which
+  there is nothing to undo: the guest runs elsewhere, or here for good;
+- turns every failure into one line for the user, and logs a traceback
+  for anything that is not an expected error.
+
+A job runs in the daemon's job nursery, not in the client connection that
+asked for it: a CLI that goes away does not end a migration.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from protocol import ProtocolError
+from protocol._gen_control_msgs import JobReport
+from protocol._gen_helper_msgs import PrecopyDecision
+
+from ..policies import Policy, PolicyError, PolicyFailed
+from .domains import ToolstackError
+from .stats import JobStats
+
+log = logging.getLogger("ferry.job")
+
+UNDO_TIMEOUT = 60.0  # s for all undo steps of one job: each is a few hypercalls
+
+# Failures that are part of the contract: their message is the one line.
+EXPECTED = (ToolstackError, PolicyFailed, PolicyError, ProtocolError, OSError)
+
+
+class JobAborted(ToolstackError):
+    pass
+
+
+class Job:
+    def __init__(self, stats: JobStats, policy: Policy | None = None, domain=None) -> None:
+        self.stats = stats
+        self.policy = policy
+        self.domain = domain  # the Domain this job owns while it runs, if any yet
+        self.done = trio.Event()
+        self.error: str | None = None
+        self.committed = False
+        self._undo: list = []  # (description, async callable), run last-first on failure
+        self._scope = trio.CancelScope()
+        self._abort_reason: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.stats.kind
+
+    @property
+    def running(self) -> bool:
+        return not self.done.is_set()
+
+    def report(self) -> JobReport:
+        return self.stats.report(self.running, self.policy)
+
+    # -- what the work says as it goes ------------------------------------------------
+    def own(self, domain) -> None:
+        """From now on the job owns `domain` (a half-built one, say)."""
+        self.domain = domain
+        domain.busy = self.kind
+
+    def on_failure(self, what: str, undo) -> None:
+        """If the job fails from here on, `await undo()` (shielded) puts it right."""
+        self._undo.append((what, undo))
+
+    def commit(self) -> None:
+        """The commit point: the job's effect stands, nothing is undone after it."""
+        self.committed = True
+        self._undo.clear()
+
+    # -- operators ---------------------------------------------------------------------
+    def control(self, action: str, key: str = "", value: str = "") -> str:
+        """An operator's order: abort ends the job now (before its commit point);
+        stop-and-copy and set reach the policy's next answer."""
+        if not self.running:
+            raise ToolstackError(f"the {self.kind} job of {self.stats.domain} is over")
+        if action == "abort":
+            if self.committed:
+                raise ToolstackError(
+                    f"the {self.kind} job of {self.stats.domain} is past its commit point: "
+                    "the guest runs at the destination, there is nothing to abort"
+                )
+            self._abort_reason = "aborted by the operator (job-control abort)"
+            self.stats.decision = "abort: operator requested abort"
+            self._scope.cancel()
+            return "abort requested"
+        if self.policy is None:
+            raise ToolstackError(f"a {self.kind} job has no policy to steer")
+        if action == "stop-and-copy":
+            self.policy.request(PrecopyDecision.STOP_AND_COPY)
+            return f"{action} requested"
+        if action == "set":
+            self.policy.set(key, value)
+            return f"{key} = {getattr(self.policy, key)}"
+        raise ToolstackError(f"unknown action {action!r}: abort, stop-and-copy or set KEY=VALUE")
+
+    # -- running -------------------------------------------------------------------------
+    async def run(self, work, registry: dict | None = None) -> None:
+        """Run `await work(self)`; record the outcome, undo on failure, never raise
+        (the outcome is in `error` and the stats)."""
+        if registry is not None:
+            registry[self.stats.domain] = self
+        if self.domain is not None:
+            self.domain.busy = self.kind
+        try:
+            with self._scope:
+                await work(self)
+            if self._scope.cancelled_caught:
+                raise JobAborted(self._abort_reason or "cancelled")
+            if self.stats.phase != "completed":
+                self.stats.finish("completed")
+        except trio.Cancelled:
+            self._fail("cancelled: the daemon is stopping")
+            await self._run_undo()
+            raise
+        except BaseException as exc:  # noqa: B036 - every failure is recorded, then undone
+            self._fail(describe(exc))
+            await self._run_undo()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if self.domain is not None and self.domain.busy == self.kind:
+                self.domain.busy = None
+            self.done.set()
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        if self.stats.ended_ns is None or not self.stats.error:
+            self.stats.finish("failed", message)
+        log.warning("%s of %s failed: %s", self.kind, self.stats.domain, message)
+
+    async def _run_undo(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(UNDO_TIMEOUT):
+            while self._undo:
+                what, undo = self._undo.pop()
+                try:
+                    await undo()
+                except Exception:
+                    log.exception("%s of %s: could not %s", self.kind, self.stats.domain, what)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the user; a traceback in the log for a failure nobody expected."""
+    if isinstance(exc, EXPECTED):
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, BaseExceptionGroup):
+        inner = exc.exceptions
+        if len(inner) == 1:
+            return describe(inner[0])
+        return "; ".join(describe(e) for e in inner)
+    log.error("unexpected failure", exc_info=exc)
+    return f"internal error: {type(exc).__name__}: {exc} (details in ferryd's log)"
