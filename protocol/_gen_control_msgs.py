@@ -406,6 +406,7 @@ class DemoReport:
     backend: str  # sim or kvm
     memory_bytes: int  # guest RAM
     policy: str  # the precopy policy
+    settings: dict[str, int | float | str | bool] = field(default_factory=dict)  # its settings as the migration ran
     iterations: list[Iteration]  # every pass, the last one the stop-and-copy pass
     pages_sent: int  # pages sent, all passes
     bytes_sent: int  # stream octets sent
@@ -434,15 +435,16 @@ class DemoReport:
 
 
 def _enc_DemoReport(value):
-    return {"backend": value.backend, "memory_bytes": value.memory_bytes, "policy": value.policy, "iterations": [_enc_Iteration(item0) for item0 in value.iterations], "pages_sent": value.pages_sent, "bytes_sent": value.bytes_sent, "total_ms": value.total_ms, "downtime_ms": value.downtime_ms, "verify_ms": value.verify_ms, "policy_rpcs": value.policy_rpcs, "policy_rpc_p50_us": value.policy_rpc_p50_us, "policy_rpc_p99_us": value.policy_rpc_p99_us, "policy_wait_p50_us": value.policy_wait_p50_us, "policy_wait_p99_us": value.policy_wait_p99_us, "throughput_mb_s": value.throughput_mb_s, "integrity": value.integrity, "decision": value.decision, "source_gone": value.source_gone, "destination_state": value.destination_state, "destination_writes_advancing": value.destination_writes_advancing, "guest_check": value.guest_check}
+    return {"backend": value.backend, "memory_bytes": value.memory_bytes, "policy": value.policy, "settings": dict(value.settings), "iterations": [_enc_Iteration(item0) for item0 in value.iterations], "pages_sent": value.pages_sent, "bytes_sent": value.bytes_sent, "total_ms": value.total_ms, "downtime_ms": value.downtime_ms, "verify_ms": value.verify_ms, "policy_rpcs": value.policy_rpcs, "policy_rpc_p50_us": value.policy_rpc_p50_us, "policy_rpc_p99_us": value.policy_rpc_p99_us, "policy_wait_p50_us": value.policy_wait_p50_us, "policy_wait_p99_us": value.policy_wait_p99_us, "throughput_mb_s": value.throughput_mb_s, "integrity": value.integrity, "decision": value.decision, "source_gone": value.source_gone, "destination_state": value.destination_state, "destination_writes_advancing": value.destination_writes_advancing, "guest_check": value.guest_check}
 
 
 def _dec_DemoReport(value, where):
-    check_fields(value, where, frozenset(('backend', 'memory_bytes', 'policy', 'iterations', 'pages_sent', 'bytes_sent', 'total_ms', 'downtime_ms', 'verify_ms', 'policy_rpcs', 'policy_rpc_p50_us', 'policy_rpc_p99_us', 'policy_wait_p50_us', 'policy_wait_p99_us', 'throughput_mb_s', 'integrity', 'decision', 'source_gone', 'destination_state', 'destination_writes_advancing', 'guest_check',)), ('backend', 'memory_bytes', 'policy', 'iterations', 'pages_sent', 'bytes_sent', 'total_ms', 'policy_rpcs', 'integrity', 'decision', 'source_gone', 'destination_state', 'destination_writes_advancing', 'guest_check',))
+    check_fields(value, where, frozenset(('backend', 'memory_bytes', 'policy', 'settings', 'iterations', 'pages_sent', 'bytes_sent', 'total_ms', 'downtime_ms', 'verify_ms', 'policy_rpcs', 'policy_rpc_p50_us', 'policy_rpc_p99_us', 'policy_wait_p50_us', 'policy_wait_p99_us', 'throughput_mb_s', 'integrity', 'decision', 'source_gone', 'destination_state', 'destination_writes_advancing', 'guest_check',)), ('backend', 'memory_bytes', 'policy', 'iterations', 'pages_sent', 'bytes_sent', 'total_ms', 'policy_rpcs', 'integrity', 'decision', 'source_gone', 'destination_state', 'destination_writes_advancing', 'guest_check',))
     return DemoReport(
         backend=check_str(value["backend"], where + ".backend"),
         memory_bytes=check_int(value["memory_bytes"], where + ".memory_bytes", 0, 18446744073709551615),
         policy=check_str(value["policy"], where + ".policy"),
+        settings=({key0: check_scalar(item0, where + ".settings" + '.' + key0) for key0, item0 in check_map(value["settings"], where + ".settings").items()} if "settings" in value else {}),
         iterations=[_dec_Iteration(item0, where + ".iterations" + f"[{i0}]") for i0, item0 in enumerate(check_list(value["iterations"], where + ".iterations"))],
         pages_sent=check_int(value["pages_sent"], where + ".pages_sent", 0, 18446744073709551615),
         bytes_sent=check_int(value["bytes_sent"], where + ".bytes_sent", 0, 18446744073709551615),

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 from bench.report import QUICK, TARGETS, check_targets
-from tests.conftest import processes_mentioning
+from tests.conftest import FERRY, processes_mentioning
 
 SECTIONS = {
     "stream": {"ferry_mb_s", "raw_mb_s", "ratio"},
@@ -24,7 +23,7 @@ def test_quick_bench_reports_every_measure_against_its_baseline(short_tmp):
     output = os.path.join(short_tmp, "report.json")
     before = set(os.listdir(tempfile.gettempdir()))
     r = subprocess.run(
-        [sys.executable, "-m", "toolstack", "bench", "--quick", "--json", "--output", output],
+        [FERRY, "bench", "--quick", "--json", "--output", output],
         capture_output=True,
         text=True,
         timeout=300,
@@ -50,7 +49,7 @@ def test_quick_bench_reports_every_measure_against_its_baseline(short_tmp):
     assert [t["measure"] for t in report["targets"]] == [f"{a}.{b}" for a, b, _, _ in TARGETS]
     left = {d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("ferry-")}
     assert not left, f"bench left {left} behind"
-    assert not processes_mentioning("ferry-demo-")
+    assert not processes_mentioning("ferry-bench-")
 
 
 def test_targets_are_judged_in_their_direction():

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 import pytest
 
 from hypervisor.kvm_api import kvm_usable
-from tests.conftest import processes_mentioning
+from tests.conftest import FERRY, processes_mentioning
 
 KEYS = {
     "backend",
@@ -22,6 +21,8 @@ KEYS = {
     "total_ms",
     "downtime_ms",
     "policy_rpcs",
+    "policy_rpc_p50_us",
+    "policy_rpc_p99_us",
     "policy_wait_p50_us",
     "policy_wait_p99_us",
     "throughput_mb_s",
@@ -30,16 +31,18 @@ KEYS = {
 }
 
 
-def run_demo(*args):
+def run_demo(*args, expect=0):
     before = set(os.listdir(tempfile.gettempdir()))
     r = subprocess.run(
-        [sys.executable, "-m", "toolstack", "demo", "--json", *args],
+        [FERRY, "demo", "--json", *args],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == expect, r.stderr
     report = json.loads(r.stdout)
+    if expect:
+        return report
     assert KEYS <= set(report)
     left = {
         d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("ferry-demo-")
@@ -64,3 +67,31 @@ def test_demo_kvm():
     r = run_demo("--backend", "kvm", "--memory", "64M")
     assert r["backend"] == "kvm" and r["integrity"] == "ok" and r["guest_check"] == "ok"
     assert r["destination_writes_advancing"]
+
+
+def test_demo_steering_flags_reach_the_policy():
+    small_ws = run_demo(
+        "--backend",
+        "sim",
+        "--memory",
+        "64M",
+        "--dirty-rate",
+        "20000",
+        "--working-set",
+        "0.05",
+        "--policy",
+        "converge",
+        "--downtime-limit",
+        "5000",
+    )
+    assert small_ws["settings"]["downtime_limit"] == 5000.0
+    assert "within 5000 ms" in small_ws["decision"]
+    working_set_pages = int(0.05 * (64 << 20) // 4096)
+    assert all(it["pages"] <= working_set_pages for it in small_ws["iterations"][1:])
+    xen = run_demo("--backend", "sim", "--memory", "32M", "--policy", "xen")
+    assert xen["policy"] == "xen" and set(xen["settings"]) == {"max_dirty", "max_iterations"}
+    refused = run_demo(
+        "--backend", "sim", "--memory", "32M", "--policy", "xen", "--downtime-limit", "5", expect=1
+    )
+    assert "policy xen has no setting 'downtime_limit'" in refused["error"]
+    assert refused["command"] == "demo"

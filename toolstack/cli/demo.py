@@ -35,7 +35,9 @@ class Demo(Command):
         p.add_argument("--dirty-rate", type=float, default=20_000, metavar="PAGES_PER_S")
         p.add_argument("--working-set", type=float, default=0.25, metavar="FRACTION")
         p.add_argument("--policy", default="converge", help="precopy policy (default converge)")
-        p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")
+        p.add_argument(
+            "--downtime-limit", type=float, metavar="MS", help="the policy's downtime_limit"
+        )
         p.add_argument("--json", action="store_true")
 
     @staticmethod
@@ -73,7 +75,7 @@ def run_demo(hosts, args, backend: str, memory: int) -> DemoReport:
         source.create(config=config)
     time.sleep(1.0)  # let the guest dirty its working set before migrating
     show = sys.stderr.isatty() and not args.json
-    settings = {"downtime_limit": args.downtime_limit} if args.policy == "converge" else {}
+    settings = {} if args.downtime_limit is None else {"downtime_limit": args.downtime_limit}
     with a.client(on_progress=progress_printer(args, show)) as source:
         try:
             job = source.migrate(
@@ -98,6 +100,7 @@ def run_demo(hosts, args, backend: str, memory: int) -> DemoReport:
         backend=backend,
         memory_bytes=memory,
         policy=args.policy,
+        settings=job.settings,
         iterations=job.iterations,
         pages_sent=job.pages_sent,
         bytes_sent=job.bytes_sent,
@@ -120,7 +123,10 @@ def run_demo(hosts, args, backend: str, memory: int) -> DemoReport:
 
 
 def print_summary(r: DemoReport) -> None:
-    print(f"ferry demo: {r.memory_bytes >> 20} MiB {r.backend} domain, policy {r.policy}")
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(r.settings.items()))
+    print(
+        f"ferry demo: {r.memory_bytes >> 20} MiB {r.backend} domain, policy {r.policy} ({settings})"
+    )
     for i, it in enumerate(r.iterations):
         final = "  (stop-and-copy, guest paused)" if it.final else ""
         print(f"  iteration {i:>2}: {it.pages:>8} pages{final}")

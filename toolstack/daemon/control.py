@@ -55,6 +55,7 @@ class ControlSession(DaemonHandlers):
                 continue
             if not isinstance(event, Call):
                 return
+            log.debug("control: %s", event.message.SPEC.name)
             try:
                 reply = await self.dispatch(event.message)
             except (ToolstackError, ProtocolError, PolicyError, HelperFailed) as exc:

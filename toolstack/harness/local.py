@@ -44,6 +44,8 @@ class LocalDaemon:
         self.name = name
         self.state = os.path.join(hosts.root, name)
         self.socket = os.path.join(self.state, "control.sock")
+        if "--control" in args:  # the daemon listens where it was told to
+            self.socket = args[args.index("--control") + 1]
         self.log = os.path.join(hosts.root, f"{name}.log")
         self.cmd = [*executable("ferryd", "toolstack.daemon"), "--state-dir", self.state]
         self.cmd += ["--auth-key", key, *args]

@@ -1,0 +1,62 @@
+"""ferryd's own command line: every flag, through the installed executable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from conftest import ferry
+
+from toolstack.harness import LocalHosts
+from toolstack.harness.local import executable
+
+
+def test_control_puts_the_socket_elsewhere_and_log_level_sets_what_is_logged(short_tmp):
+    hosts = LocalHosts(root=short_tmp)
+    try:
+        custom = os.path.join(short_tmp, "elsewhere.sock")
+        quiet = hosts.start(
+            "quiet", listen=False, args=["--control", custom, "--log-level", "warning"]
+        )
+        assert quiet.socket == custom
+        assert ferry(quiet, "list", "--json").stdout.strip() == "[]"
+        assert not os.path.exists(os.path.join(quiet.state, "control.sock"))
+        assert oct(os.stat(custom).st_mode & 0o777) == "0o600"
+        loud = hosts.start("loud", listen=False, args=["--log-level", "debug"])
+        ferry(loud, "list")
+    finally:
+        hosts.close()
+    with open(quiet.log) as f:
+        assert "ferryd serving" not in f.read()  # info lines are below warning
+    with open(loud.log) as f:
+        text = f.read()
+    assert "ferryd serving" in text and "control: list" in text
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--listen", "127.0.0.1:0"], "--listen needs --auth-key"),
+        (["--policy-budget-ms", "0"], "--policy-budget-ms must be positive"),
+        (["--listen", "nowhere", "--auth-key", "KEY"], "is not HOST:PORT"),
+        (["--auth-key", "/nonexistent/key"], "cannot read auth key"),
+        (["--auth-key", "SHORT"], "shorter than 16 octets"),
+    ],
+)
+def test_bad_ferryd_flags_are_one_line(short_tmp, args, says):
+    key = os.path.join(short_tmp, "key")
+    short = os.path.join(short_tmp, "short")
+    for path, text in ((key, "k" * 32), (short, "k" * 4)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, text.encode())
+        os.close(fd)
+    args = [key if a == "KEY" else short if a == "SHORT" else a for a in args]
+    r = subprocess.run(
+        [*executable("ferryd", "toolstack.daemon"), "--state-dir", short_tmp + "/s", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and says in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
