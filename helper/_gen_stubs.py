@@ -8,7 +8,7 @@ blocks for it and returns its value (raising on an error reply)."""
 from __future__ import annotations
 
 from protocol._gen_helper_msgs import *  # noqa: F403
-from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy
+from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress
 
 
 class ToolstackStubs:
@@ -61,6 +61,10 @@ class ToolstackStubs:
         """Sent after every precopy batch; the helper obeys the decision."""
         return self.channel.call(PrecopyPolicy(stats))
 
+    def restore_progress(self, pages: int, octets: int) -> None:
+        """Pages received so far (sent while records arrive, at most every 0.2 s): the restore is alive, and `ferry job` shows it."""
+        return self.channel.call(RestoreProgress(pages, octets))
+
 
 class AsyncToolstackStubs:
     """Calls from the helper to the toolstack."""
@@ -111,3 +115,7 @@ class AsyncToolstackStubs:
     async def precopy_policy(self, stats: PrecopyStats) -> PrecopyDecision:
         """Sent after every precopy batch; the helper obeys the decision."""
         return await self.channel.call(PrecopyPolicy(stats))
+
+    async def restore_progress(self, pages: int, octets: int) -> None:
+        """Pages received so far (sent while records arrive, at most every 0.2 s): the restore is alive, and `ferry job` shows it."""
+        return await self.channel.call(RestoreProgress(pages, octets))

@@ -10,6 +10,7 @@ libxl records that follow from the same fd.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from protocol.limits import PAGE_SIZE
 
 from .fdio import FdReader
 from .toolstack_link import ToolstackLink
+
+PROGRESS_INTERVAL = 0.2  # s between restore_progress messages while pages arrive
 
 
 class Restorer:
@@ -34,6 +37,7 @@ class Restorer:
         self.pages_written = 0
         self.context: bytes | None = None
         self.params: dict[int, int] = {}
+        self.last_progress = 0.0  # monotonic s of the last restore_progress
 
     def close(self) -> None:
         self.memory.close()
@@ -44,6 +48,7 @@ class Restorer:
             match event:
                 case libxc.PageData():
                     self.write_pages(event)
+                    self.say_progress()
                 case libxc.Marker(type=libxc.REC_STATIC_DATA_END):
                     self.link.static_data_done(0)
                 case libxc.Marker(type=libxc.REC_END):
@@ -64,6 +69,14 @@ class Restorer:
             raise RemoteProtocolError("the stream ended without an HVM_CONTEXT record")
         self.domain.set_context(self.context)
         self.link.restore_results(self.pages_written, self.params.get(1, 0), self.params.get(2, 0))
+
+    def say_progress(self) -> None:
+        """Tell the toolstack pages are arriving, at most every PROGRESS_INTERVAL:
+        its deadline measures silence, and a restore that moves pages is not silent."""
+        now = time.monotonic()
+        if now - self.last_progress >= PROGRESS_INTERVAL:
+            self.last_progress = now
+            self.link.restore_progress(self.pages_written, self.reader.read)
 
     def next_event(self):
         """The next record, reading exactly as many octets as it needs."""

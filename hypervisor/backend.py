@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import msgpack
+
 from .memory import GuestMemory
 
 
@@ -44,3 +46,25 @@ class Backend(Protocol):
 
 class BackendError(Exception):
     """A request the backend cannot carry out (answered as an RPC error)."""
+
+
+MAX_CONTEXT = 64 << 10  # octets: a vCPU or workload context is a few hundred
+
+
+def unpack_context(blob: bytes, what: str):
+    """A context blob from a stream: bounded, plain msgpack, or BackendError."""
+    if len(blob) > MAX_CONTEXT:
+        raise BackendError(f"{what} context of {len(blob)} octets is above {MAX_CONTEXT}")
+    try:
+        return msgpack.unpackb(
+            blob,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_CONTEXT,
+            max_str_len=1024,
+            max_array_len=64,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:
+        raise BackendError(f"not a {what} context: {exc}") from None

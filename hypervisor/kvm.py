@@ -20,7 +20,7 @@ import numpy as np
 from protocol._gen_runner_msgs import Workload
 
 from . import kvm_api
-from .backend import BackendError
+from .backend import BackendError, unpack_context
 from .guest import GUEST_DIR
 from .memory import GuestMemory
 
@@ -168,11 +168,11 @@ class KvmGuest:
         return msgpack.packb({"regs": self.vm.get_regs(), "sregs": self.vm.get_sregs()})
 
     def set_context(self, blob: bytes) -> None:
-        try:
-            ctx = msgpack.unpackb(blob)
-            regs, sregs = bytes(ctx["regs"]), bytes(ctx["sregs"])
-        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
-            raise BackendError(f"not a kvm vCPU context: {exc}") from None
+        ctx = unpack_context(blob, "kvm vCPU")
+        regs = ctx.get("regs") if isinstance(ctx, dict) else None
+        sregs = ctx.get("sregs") if isinstance(ctx, dict) else None
+        if type(regs) is not bytes or type(sregs) is not bytes:
+            raise BackendError("not a kvm vCPU context: no regs and sregs")
         if len(regs) != kvm_api.REGS_SIZE or len(sregs) != kvm_api.SREGS_SIZE:
             raise BackendError("kvm vCPU context has the wrong register sizes")
         if self._booted:

@@ -187,10 +187,10 @@ class JobReport:
     iteration: int  # the current precopy pass (0: the first, over all RAM)
     elapsed_ms: float  # time since the job started (until it ended)
     memory_total_bytes: int  # guest RAM
-    memory_processed_bytes: int  # octets of pages sent so far (all passes)
+    memory_processed_bytes: int  # octets of pages sent so far (all passes); restore and migrate-receive: received
     memory_remaining_bytes: int | None = None  # octets of this pass not yet sent
-    pages_sent: int  # pages sent so far, all passes
-    bytes_sent: int  # stream octets sent so far
+    pages_sent: int  # pages sent so far, all passes; restore and migrate-receive: pages received
+    bytes_sent: int  # stream octets sent so far; restore and migrate-receive: octets received
     dirty_rate_pages_s: float | None = None  # pages the guest dirtied per second in the last pass
     bandwidth_mb_s: float | None = None  # stream bandwidth measured over the last 100 ms or more, MB/s (10^6 octets)
     expected_downtime_ms: float | None = None  # the policy's estimate of the stop-and-copy pass at the last batch
@@ -962,6 +962,39 @@ Policies.SPEC = MessageSpec(
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MigrateResolve:
+    """Settle a migration whose outcome is in doubt: ask the destination again, or take the operator's word (force). Answers what was done."""
+
+    name: str
+    force: str = ''  # resume: run the guest here; destroy: it runs at the destination
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return {"name": self.name, "force": self.force}
+
+    @classmethod
+    def from_args(cls, args):
+        check_fields(args, "migrate_resolve", frozenset(('name', 'force',)), ('name',))
+        return cls(
+            name=check_str(args["name"], "migrate_resolve" + ".name"),
+            force=(check_choice(check_str(args["force"], "migrate_resolve" + ".force"), "migrate_resolve" + ".force", ('', 'resume', 'destroy')) if "force" in args else ''),
+        )
+
+
+def _dec_MigrateResolve_reply(value, where):
+    return check_str(value, where)
+
+
+def _enc_MigrateResolve_reply(value):
+    return value
+
+
+MigrateResolve.SPEC = MessageSpec(
+    16, 'migrate_resolve', DIRECTION, 'any', True, False, MigrateResolve, _dec_MigrateResolve_reply, _enc_MigrateResolve_reply
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Progress:
     """A watched job's state, sent while it runs (before the reply to save, restore or migrate)."""
 
@@ -992,4 +1025,4 @@ Progress.SPEC = MessageSpec(
 )
 
 
-TABLE = {spec.id: spec for spec in (m.SPEC for m in (Ping, Create, List, Info, Pause, Unpause, Destroy, Digest, GuestCheck, Save, Restore, Migrate, Job, JobControl, Policies, Progress,))}
+TABLE = {spec.id: spec for spec in (m.SPEC for m in (Ping, Create, List, Info, Pause, Unpause, Destroy, Digest, GuestCheck, Save, Restore, Migrate, Job, JobControl, Policies, MigrateResolve, Progress,))}

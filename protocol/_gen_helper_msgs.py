@@ -455,4 +455,37 @@ PrecopyPolicy.SPEC = MessageSpec(
 )
 
 
-TABLE = {spec.id: spec for spec in (m.SPEC for m in (Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy,))}
+@dataclass(frozen=True, slots=True)
+class RestoreProgress:
+    """Pages received so far (sent while records arrive, at most every 0.2 s): the restore is alive, and `ferry job` shows it."""
+
+    pages: int  # pages written into the domain so far
+    octets: int  # stream octets read so far
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return [self.pages, self.octets]
+
+    @classmethod
+    def from_args(cls, args):
+        check_list(args, "restore_progress", 2)
+        return cls(
+            check_int(args[0], "restore_progress" + ".pages", 0, 18446744073709551615),
+            check_int(args[1], "restore_progress" + ".octets", 0, 18446744073709551615),
+        )
+
+
+def _dec_RestoreProgress_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_RestoreProgress_reply(value):
+    return None
+
+
+RestoreProgress.SPEC = MessageSpec(
+    12, 'restore_progress', DIRECTION, 'restore', False, False, RestoreProgress, _dec_RestoreProgress_reply, _enc_RestoreProgress_reply
+)
+
+
+TABLE = {spec.id: spec for spec in (m.SPEC for m in (Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress,))}

@@ -128,9 +128,8 @@ def test_pause_stops_writes_and_digest_needs_a_paused_domain(runners):
 def test_context_round_trip_continues_the_same_sequence(runners):
     pages = 4096
     _a, path_a = runners.start("src", pages * 4096, workload=BUSY)
-    _b, path_b = runners.start(
-        "dst", pages * 4096, workload=Workload(0.0, 1.0, 0.0, 99), incoming=True
-    )
+    # the destination runs with the domain's config, as ferryd starts it
+    _b, path_b = runners.start("dst", pages * 4096, workload=BUSY, incoming=True)
     with runners.client(path_a) as a, runners.client(path_b) as b:
         time.sleep(0.3)
         a.pause()
@@ -163,10 +162,17 @@ def test_set_context_refuses_garbage(runners):
     with runners.client(path) as c:
         with pytest.raises(RpcError, match="not a sim guest context"):
             c.set_context(b"garbage")
-        with pytest.raises(RpcError, match="out of range"):
-            c.set_context(
-                msgpack.packb({"writes": -1, "rate": 1.0, "ws": 1.0, "skew": 0.0, "seed": 1})
-            )
+        with pytest.raises(RpcError, match="'writes' is not a count"):
+            c.set_context(msgpack.packb({"writes": -1}))
+        with pytest.raises(RpcError, match="context of 70000 octets is above"):
+            c.set_context(bytes(70000))
+        with pytest.raises(RpcError, match="not a sim guest context"):
+            c.set_context(b"\xdd\xff\xff\xff\xff")  # an array claiming 4 billion items
+        # a context never overrides the validated config: a hostile rate is ignored
+        before = c.getinfo().workload
+        c.set_context(msgpack.packb({"writes": 5, "rate": float("nan"), "ws": 7.0}))
+        info = c.getinfo()
+        assert info.workload == before and info.writes == 5
 
 
 def test_destroy_leaves_nothing_behind(runners):

@@ -8,7 +8,7 @@ blocks for it and returns its value (raising on an error reply)."""
 from __future__ import annotations
 
 from protocol._gen_control_msgs import *  # noqa: F403
-from protocol._gen_control_msgs import Ping, Create, List, Info, Pause, Unpause, Destroy, Digest, GuestCheck, Save, Restore, Migrate, Job, JobControl, Policies, Progress
+from protocol._gen_control_msgs import Ping, Create, List, Info, Pause, Unpause, Destroy, Digest, GuestCheck, Save, Restore, Migrate, Job, JobControl, Policies, MigrateResolve, Progress
 
 
 class DaemonStubs:
@@ -77,6 +77,10 @@ class DaemonStubs:
         """The precopy policies this daemon can run, with their settings."""
         return self.channel.call(Policies())
 
+    def migrate_resolve(self, *, name: str, force: str = '') -> str:
+        """Settle a migration whose outcome is in doubt: ask the destination again, or take the operator's word (force). Answers what was done."""
+        return self.channel.call(MigrateResolve(name=name, force=force))
+
 
 class AsyncDaemonStubs:
     """Calls from the client to the daemon."""
@@ -143,6 +147,10 @@ class AsyncDaemonStubs:
     async def policies(self) -> list[PolicyInfo]:
         """The precopy policies this daemon can run, with their settings."""
         return await self.channel.call(Policies())
+
+    async def migrate_resolve(self, *, name: str, force: str = '') -> str:
+        """Settle a migration whose outcome is in doubt: ask the destination again, or take the operator's word (force). Answers what was done."""
+        return await self.channel.call(MigrateResolve(name=name, force=force))
 
 
 class ClientStubs:

@@ -12,6 +12,7 @@ from .bench import Bench
 from .commands import DOMAIN_COMMANDS, CliError, emit_json
 from .demo import Demo
 from .jobs import JOB_COMMANDS
+from .resolve import MigrateResolve
 from .verify import VerifyStream
 
 
@@ -19,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="live-migration toolstack")
     parser.add_argument("--connect", metavar="SOCK", help="ferryd control socket")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in [*DOMAIN_COMMANDS, *JOB_COMMANDS, VerifyStream, Demo, Bench]:
+    for command in [*DOMAIN_COMMANDS, *JOB_COMMANDS, MigrateResolve, VerifyStream, Demo, Bench]:
         command.add_parser(sub)
     return parser
 

@@ -8,7 +8,7 @@ pass decoded calls to `dispatch()`; it returns the reply value."""
 from __future__ import annotations
 
 from protocol._gen_control_msgs import *  # noqa: F403
-from protocol._gen_control_msgs import Ping, Create, List, Info, Pause, Unpause, Destroy, Digest, GuestCheck, Save, Restore, Migrate, Job, JobControl, Policies, Progress
+from protocol._gen_control_msgs import Ping, Create, List, Info, Pause, Unpause, Destroy, Digest, GuestCheck, Save, Restore, Migrate, Job, JobControl, Policies, MigrateResolve, Progress
 
 
 class DaemonHandlers:
@@ -74,6 +74,10 @@ class DaemonHandlers:
         """The precopy policies this daemon can run, with their settings."""
         raise NotImplementedError("policies")
 
+    async def on_migrate_resolve(self, name: str, force: str) -> str:
+        """Settle a migration whose outcome is in doubt: ask the destination again, or take the operator's word (force). Answers what was done."""
+        raise NotImplementedError("migrate_resolve")
+
     async def dispatch(self, message):
         return await self._ROUTES[type(message)](self, message)
 
@@ -93,6 +97,7 @@ class DaemonHandlers:
         Job: lambda h, m: h.on_job(m.name),
         JobControl: lambda h, m: h.on_job_control(m.name, m.action, m.key, m.value),
         Policies: lambda h, m: h.on_policies(),
+        MigrateResolve: lambda h, m: h.on_migrate_resolve(m.name, m.force),
     }
 
 

@@ -61,6 +61,9 @@ class ControlSession(DaemonHandlers):
             except (ToolstackError, ProtocolError, PolicyError, HelperFailed) as exc:
                 await self.channel.send(conn.send_error(str(exc)))
                 continue
+            except OSError as exc:  # the host refused something (no space, no fds...)
+                await self.channel.send(conn.send_error(exc.strerror or str(exc)))
+                continue
             await self.channel.send(conn.send_reply(reply))
 
     # -- domains -----------------------------------------------------------------
@@ -100,6 +103,11 @@ class ControlSession(DaemonHandlers):
     def _idle_domain(self, name: str):
         """A domain no job owns: the only kind an operator's command may change."""
         domain = self.host.get(name)
+        if domain.in_doubt:
+            raise ToolstackError(
+                f"domain {name} is in doubt ({domain.in_doubt}); "
+                f"`ferry migrate-resolve {name}` settles it"
+            )
         if domain.busy:
             raise ToolstackError(
                 f"domain {name} belongs to a {domain.busy} job until it ends "
@@ -147,9 +155,7 @@ class ControlSession(DaemonHandlers):
         job = Job(JobStats("migrate", name, domain.config.memory_bytes), steer, domain)
 
         async def work(job: Job) -> None:
-            await migrate_send(
-                self.host, job, domain, address, key, verify, self.daemon.policies.budget_ms
-            )
+            await migrate_send(self.daemon.site, job, domain, address, verify)
 
         return await self._run(job, work, watch)
 
@@ -178,6 +184,9 @@ class ControlSession(DaemonHandlers):
         message = job.control(action, key, value)
         log.info("%s: job-control: %s", name, message)
         return message
+
+    async def on_migrate_resolve(self, name, force) -> str:
+        return await self.daemon.resolver.resolve(name, force)
 
     async def on_policies(self) -> list[PolicyInfo]:
         return [PolicyInfo.from_wire(p) for p in self.daemon.policies.describe()]

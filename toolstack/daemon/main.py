@@ -8,26 +8,48 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import stat
 import sys
 
 import trio
 
 from protocol.auth import MIN_KEY_SIZE
 
+from ..host.deadlines import DEADLINES
+from ..host.domains import DEFAULT_MAX_OVERCOMMIT
 from ..policies import DEFAULT_BUDGET_MS, PolicyError, PolicyRegistry
 from .sched import request_short_slice
 from .server import Daemon
 
 
 def read_key(path: str) -> bytes:
+    """The shared key; refused, as ssh refuses a private key, when others may read it."""
     try:
         with open(path, "rb") as f:
-            key = f.read().strip()
+            mode = os.fstat(f.fileno()).st_mode
+            key = f.read(1 << 16).strip()
     except OSError as exc:
         raise SystemExit(f"ferryd: cannot read auth key {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise SystemExit(
+            f"ferryd: auth key {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
+            f"chmod 600 {path}"
+        )
     if len(key) < MIN_KEY_SIZE:
         raise SystemExit(f"ferryd: auth key in {path} is shorter than {MIN_KEY_SIZE} octets")
     return key
+
+
+def make_private_dir(path: str) -> None:
+    """The state dir, owned by us and closed to everyone else."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.stat(path, follow_symlinks=False)
+    if not stat.S_ISDIR(info.st_mode):
+        raise SystemExit(f"ferryd: --state-dir {path} is not a directory")
+    if info.st_uid != os.getuid():
+        raise SystemExit(f"ferryd: --state-dir {path} belongs to another user")
+    os.chmod(path, 0o700)
 
 
 def load_policies(modules: list[str], budget_ms: float) -> PolicyRegistry:
@@ -64,6 +86,20 @@ def parser() -> argparse.ArgumentParser:
         metavar="MS",
         help=f"time a policy may take per answer (default {DEFAULT_BUDGET_MS:g})",
     )
+    p.add_argument(
+        "--max-overcommit",
+        type=float,
+        default=DEFAULT_MAX_OVERCOMMIT,
+        metavar="RATIO",
+        help="guest memory this host admits, as a multiple of its RAM (default 1)",
+    )
+    p.add_argument(
+        "--deadline",
+        action="append",
+        default=[],
+        metavar="NAME=SECONDS",
+        help="change one deadline (toolstack/host/deadlines.py lists them; repeatable)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -84,11 +120,24 @@ def main(argv=None) -> int:
     if not args.policy_budget_ms > 0:
         print("ferryd: --policy-budget-ms must be positive", file=sys.stderr)
         return 2
+    if not args.max_overcommit > 0:
+        print("ferryd: --max-overcommit must be positive", file=sys.stderr)
+        return 2
+    try:
+        for assignment in args.deadline:
+            DEADLINES.set(assignment)
+    except ValueError as exc:
+        print(f"ferryd: {exc}", file=sys.stderr)
+        return 2
+    os.umask(0o077)  # whatever the caller's umask: what ferryd writes is its owner's alone
     key = read_key(args.auth_key) if args.auth_key else None
     policies = load_policies(args.policy_module, args.policy_budget_ms)
     request_short_slice()  # answer helpers promptly even when the CPUs are busy
     try:
-        daemon = Daemon(args.state_dir, args.control, args.listen, key, policies)
+        make_private_dir(args.state_dir)
+        daemon = Daemon(
+            args.state_dir, args.control, args.listen, key, policies, args.max_overcommit
+        )
         trio.run(daemon.run)
     except OSError as exc:
         print(f"ferryd: {exc.strerror or exc}", file=sys.stderr)

@@ -16,7 +16,8 @@ import socket
 import trio
 
 from ..host import Host, Job
-from ..migration import parse_address, serve_migration
+from ..host.domains import DEFAULT_MAX_OVERCOMMIT
+from ..migration import Journal, Resolver, Site, parse_address, serve_migration
 from ..policies import PolicyRegistry
 from .control import ControlSession
 
@@ -31,14 +32,24 @@ class Daemon:
         listen: str | None = None,
         auth_key: bytes | None = None,
         policies: PolicyRegistry | None = None,
+        max_overcommit: float = DEFAULT_MAX_OVERCOMMIT,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.control_path = control or os.path.join(self.state_dir, "control.sock")
         self.listen = parse_address(listen) if listen else None
         self.auth_key = auth_key
         self.policies = policies or PolicyRegistry()
-        self.host = Host(self.state_dir)
+        self.host = Host(self.state_dir, max_overcommit)
         self.jobs: dict[str, Job] = {}  # domain name -> its latest job
+        self.site = Site(
+            self.host,
+            Journal(self.state_dir),
+            auth_key,
+            self.jobs,
+            self.policies.budget_ms,
+            self.start_job,
+        )
+        self.resolver = self.site.resolver = Resolver(self.site)
         self.job_nursery: trio.Nursery | None = None
         self.listen_port: int | None = None
 
@@ -46,10 +57,14 @@ class Daemon:
         found = await self.host.reattach()
         if found:
             log.info("re-attached to running domains: %s", ", ".join(found))
+        # Before any domain is reported: settle what the journal says (source
+        # domains whose migration needs the peer's word stay in doubt meanwhile).
+        await self.resolver.resolve_journal()
         control = self._control_listener()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_on_signals, nursery.cancel_scope)
+                nursery.start_soon(self.resolver.retry_forever)
                 async with trio.open_nursery() as jobs:
                     self.job_nursery = jobs
                     jobs.start_soon(trio.serve_listeners, self._control_connection, [control])
@@ -73,11 +88,6 @@ class Daemon:
     def start_job(self, job: Job, work) -> None:
         """Run `work(job)` as a job of this daemon (registered, in the job nursery)."""
         self.job_nursery.start_soon(job.run, work, self.jobs)
-
-    async def run_job(self, job: Job, work) -> None:
-        """Start a job and wait until it ends (a migration's receiving side)."""
-        self.start_job(job, work)
-        await job.done.wait()
 
     def _control_listener(self) -> trio.SocketListener:
         os.makedirs(os.path.dirname(self.control_path), exist_ok=True)
@@ -117,6 +127,6 @@ class Daemon:
             await stream.aclose()
             return
         try:
-            await serve_migration(self.host, stream, self.auth_key, self.jobs, self.run_job)
+            await serve_migration(self.site, stream)
         except Exception:
             log.exception("incoming migration failed")

@@ -8,7 +8,7 @@ pass decoded calls to `dispatch()`; it returns the reply value."""
 from __future__ import annotations
 
 from protocol._gen_helper_msgs import *  # noqa: F403
-from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy
+from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress
 
 
 class ToolstackHandlers:
@@ -58,6 +58,10 @@ class ToolstackHandlers:
         """Sent after every precopy batch; the helper obeys the decision."""
         raise NotImplementedError("precopy_policy")
 
+    async def on_restore_progress(self, pages: int, octets: int) -> None:
+        """Pages received so far (sent while records arrive, at most every 0.2 s): the restore is alive, and `ferry job` shows it."""
+        raise NotImplementedError("restore_progress")
+
     async def dispatch(self, message):
         return await self._ROUTES[type(message)](self, message)
 
@@ -73,4 +77,5 @@ class ToolstackHandlers:
         RestoreResults: lambda h, m: h.on_restore_results(m.pages, m.store_gfn, m.console_gfn),
         Complete: lambda h, m: h.on_complete(m.retval, m.errnoval, m.message, m.peak_rss),
         PrecopyPolicy: lambda h, m: h.on_precopy_policy(m.stats),
+        RestoreProgress: lambda h, m: h.on_restore_progress(m.pages, m.octets),
     }

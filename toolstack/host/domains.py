@@ -10,6 +10,7 @@ crashes, and `Host.reattach()` finds them again from the state dir.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -24,11 +25,15 @@ from hypervisor._gen_stubs import AsyncRunnerStubs
 from protocol import ProtocolError
 from protocol import _gen_runner_msgs as msgs
 from protocol._gen_control_msgs import DomainConfig, DomainInfo
-from protocol.limits import PAGE_SIZE
 
+from . import faults
 from .async_channel import AsyncChannel, ChannelError
+from .deadlines import DEADLINES
 
 RUNNER_START_TIMEOUT = 30.0
+DEFAULT_MAX_OVERCOMMIT = 1.0  # guest memory at most the host's RAM
+LONG_HYPERCALLS = (msgs.Digest, msgs.GuestCheck)  # they read all of guest RAM
+log = logging.getLogger("ferry.host")
 
 
 class ToolstackError(Exception):
@@ -67,6 +72,9 @@ class Domain:
         # An incoming domain destroys itself when its last client leaves
         # before it ran; this connection is the toolstack's claim on it.
         self.keeper: RunnerLink | None = None
+        # Why a migration's outcome is not known yet (see migration/resolve.py):
+        # until it is, no operator command may touch the domain.
+        self.in_doubt: str | None = None
 
     @property
     def name(self) -> str:
@@ -101,8 +109,15 @@ class _RunnerChannel:
         self.channel = AsyncChannel(stream, msgs.TABLE, sends=msgs.DIRECTION, receives=None)
 
     async def call(self, message):
+        limit = DEADLINES.runner_long if isinstance(message, LONG_HYPERCALLS) else DEADLINES.runner
         try:
-            return await self.channel.call(message)
+            with trio.fail_after(limit):
+                return await self.channel.call(message)
+        except trio.TooSlowError:
+            raise ToolstackError(
+                f"domain {self.domain_name}: its runner did not answer "
+                f"{message.SPEC.name} within {limit:g} s"
+            ) from None
         except ChannelError as exc:
             raise ToolstackError(f"domain {self.domain_name}: {exc}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -177,11 +192,15 @@ def domain_path(state_dir: str, name: str, ext: str) -> str:
 
 
 class Host:
-    """The domains of one host (one state dir)."""
+    """The domains of one host (one state dir).
 
-    def __init__(self, state_dir: str) -> None:
+    `max_overcommit`: guest memory this host admits, as a multiple of its RAM
+    (create, restore and incoming migrations alike)."""
+
+    def __init__(self, state_dir: str, max_overcommit: float = DEFAULT_MAX_OVERCOMMIT) -> None:
         self.state_dir = os.path.abspath(state_dir)
-        os.makedirs(os.path.join(self.state_dir, "domains"), exist_ok=True)
+        os.makedirs(os.path.join(self.state_dir, "domains"), mode=0o700, exist_ok=True)
+        self.max_overcommit = max_overcommit
         self.domains: dict[str, Domain] = {}
 
     def path(self, name: str, ext: str) -> str:
@@ -193,11 +212,16 @@ class Host:
         except KeyError:
             raise ToolstackError(f"no domain named {name!r}") from None
 
+    # -- creating ---------------------------------------------------------------------
     async def create(
         self, config: DomainConfig, paused: bool = False, incoming: bool = False
     ) -> Domain:
+        """Start a domain's runner.  An ordinary domain's state file is written
+        before this returns (or the runner is gone again); an incoming one gets
+        its state file when its job commits."""
         if config.name in self.domains:
             raise ToolstackError(f"a domain named {config.name!r} already exists")
+        self.admit(config)
         domain = Domain(self, config)
         self.domains[config.name] = domain  # reserved while the runner starts
         try:
@@ -205,16 +229,46 @@ class Host:
         except BaseException:
             del self.domains[config.name]
             raise
-        if incoming:
-            domain.keeper = await domain.connect()
-        else:
-            self._save_config(domain)
+        try:
+            if incoming:
+                domain.keeper = await domain.connect()
+            else:
+                await self.save_state(domain)
+        except BaseException:
+            await self.destroy(domain)  # no runner without the daemon knowing it
+            raise
         return domain
 
+    def admit(self, config: DomainConfig) -> None:
+        """Refuse a domain whose memory would overcommit this host."""
+        ram = host_ram()
+        limit = int(ram * self.max_overcommit)
+        total = config.memory_bytes + sum(d.config.memory_bytes for d in self.domains.values())
+        if total > limit:
+            raise ToolstackError(
+                f"not enough memory for {config.name}: its {_gib(config.memory_bytes)} would bring "
+                f"guest memory to {_gib(total)}, above the {_gib(limit)} this host admits "
+                f"({self.max_overcommit:g} x {_gib(ram)} of RAM, ferryd --max-overcommit)"
+            )
+
+    async def save_state(self, domain: Domain) -> None:
+        """The domain's state file: from now on a restarted daemon knows it.
+        ToolstackError (no space, no fds...) when it cannot be written."""
+        try:
+            await trio.to_thread.run_sync(self._write_state, domain)
+        except OSError as exc:
+            raise ToolstackError(
+                f"cannot write the state of {domain.name}: {exc.strerror or exc}"
+            ) from None
+
+    def _write_state(self, domain: Domain) -> None:
+        faults.point("state:write")
+        write_private_file(self.path(domain.name, "json"), config_to_json(domain.config))
+
     async def commit(self, domain: Domain) -> None:
-        """An incoming domain was unpaused (or paused for good): it is a real
+        """An incoming domain ran (or was paused for good): it is an ordinary
         domain now, remembered across restarts."""
-        self._save_config(domain)
+        await self.save_state(domain)
         await self._drop_keeper(domain)
 
     async def _drop_keeper(self, domain: Domain) -> None:
@@ -223,18 +277,16 @@ class Host:
                 await domain.keeper.channel.aclose()
             domain.keeper = None
 
-    def _save_config(self, domain: Domain) -> None:
-        tmp = self.path(domain.name, "json.tmp")
-        with open(tmp, "wb") as f:
-            f.write(config_to_json(domain.config))
-        os.rename(tmp, self.path(domain.name, "json"))
-
     async def _start_runner(self, domain: Domain, paused: bool, incoming: bool) -> None:
         c = domain.config
         cmd = runner_command(
             c.name, c.memory_bytes, domain.control_path, c.backend, workload(c), incoming, paused
         )
-        proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
+        await faults.reached("runner:start")
+        try:
+            proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise ToolstackError(f"domain {c.name}: cannot start its runner: {exc}") from None
         try:
             with trio.fail_after(RUNNER_START_TIMEOUT):
                 while not os.path.exists(domain.control_path):
@@ -245,7 +297,7 @@ class Host:
                     await trio.sleep(0.01)
         except BaseException as exc:
             proc.kill()
-            proc.wait()
+            await trio.to_thread.run_sync(proc.wait)
             if isinstance(exc, trio.TooSlowError):
                 raise ToolstackError(f"domain {c.name}: runner did not start") from None
             raise
@@ -253,6 +305,7 @@ class Host:
         # own session, and would stay a zombie until waited for.
         domain.process = proc
 
+    # -- ending -----------------------------------------------------------------------
     async def destroy(self, domain: Domain) -> None:
         with trio.CancelScope(shield=True):
             await self._destroy(domain)
@@ -270,7 +323,7 @@ class Host:
                     await trio.sleep(0.01)
             if proc.poll() is None:
                 proc.kill()
-            proc.wait()  # reaps a child; closes an adopted runner's pidfd
+            await trio.to_thread.run_sync(proc.wait)  # reaps a child; closes a pidfd
         self.forget(domain)
 
     def forget(self, domain: Domain) -> None:
@@ -281,6 +334,7 @@ class Host:
             except FileNotFoundError:
                 pass
 
+    # -- after a restart -----------------------------------------------------------------
     async def reattach(self) -> list[str]:
         """Find the domains a previous toolstack left running."""
         found = []
@@ -289,9 +343,12 @@ class Host:
             if not entry.endswith(".json"):
                 continue
             try:
-                with open(os.path.join(folder, entry), "rb") as f:
-                    config = config_from_json(f.read(), f"state file {entry}")
-            except (OSError, ToolstackError):
+                config = config_from_json(read_private_file(os.path.join(folder, entry)), entry)
+            except (OSError, ToolstackError) as exc:
+                log.warning("state file %s ignored: %s", entry, exc)
+                continue
+            if f"{config.name}.json" != entry:
+                log.warning("state file %s ignored: it describes %r", entry, config.name)
                 continue
             domain = Domain(self, config)
             try:
@@ -315,7 +372,11 @@ class Host:
             try:
                 # Answering after the pidfd was opened proves the pid was
                 # still the runner's, not a reused one.
-                await link.getinfo()
+                info = await link.getinfo()
+                if info.state == msgs.DomainState.INCOMING:
+                    # an incoming runner whose job died with the old daemon
+                    await link.destroy()
+                    raise ToolstackError(f"domain {domain.name}: an unfinished incoming domain")
             except BaseException:
                 runner.close()
                 raise
@@ -325,22 +386,61 @@ class Host:
         """What `ferry list` shows; a runner that does not answer is 'unreachable'."""
         try:
             info = await domain.runner.getinfo()
+            state = info.state.name.lower()
         except ToolstackError:
-            return DomainInfo(
-                name=domain.name,
-                state="unreachable",
-                backend=domain.config.backend,
-                memory_bytes=domain.config.memory_bytes,
-                job=domain.busy,
-                config=domain.config,
-            )
+            info, state = None, "unreachable"
+        if domain.in_doubt:
+            state = "in-doubt"
         return DomainInfo(
             name=domain.name,
-            state=info.state.name.lower(),
-            backend=info.backend,
-            memory_bytes=info.pages * PAGE_SIZE,
-            writes=info.writes,
-            guest_check=info.guest_check,
+            state=state,
+            backend=domain.config.backend,
+            memory_bytes=domain.config.memory_bytes,
+            writes=info.writes if info else None,
+            guest_check=info.guest_check if info else "",
             job=domain.busy,
             config=domain.config,
         )
+
+
+def host_ram() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(octets: int) -> str:
+    return f"{octets / 2**30:.2f} GiB" if octets >= 2**30 else f"{octets / 2**20:.0f} MiB"
+
+
+def write_private_file(path: str, data: bytes) -> None:
+    """`data` at `path`, atomically: a fresh temporary file created exclusively
+    (never through a link someone placed), private to its owner, fsynced, then
+    renamed over `path`."""
+    tmp = path + ".tmp"
+    try:
+        os.unlink(tmp)  # a leftover of a crash; unlink does not follow links
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+
+
+def read_private_file(path: str, limit: int = 1 << 20) -> bytes:
+    """A state file's contents, not through a link, at most `limit` octets."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(f"larger than {limit} octets")
+    return data

@@ -27,11 +27,11 @@ from protocol._gen_helper_msgs import PrecopyDecision
 from ..policies import DEFAULT_BUDGET_MS, Policy, decide
 from ._gen_helper_dispatch import ToolstackHandlers
 from .async_channel import AsyncChannel, ChannelError
+from .deadlines import DEADLINES
 from .domains import Domain, ToolstackError
 from .stats import JobStats
 
 log = logging.getLogger("ferry.helper")
-HELPER_SILENCE_TIMEOUT = 60.0  # s without a message from a working helper: it hangs
 
 
 class HelperFailed(ToolstackError):
@@ -62,6 +62,7 @@ class HelperCallbacks(ToolstackHandlers):
         self.budget_ms = budget_ms
         self.completed: tuple[int, int, str] | None = None
         self.abort_reason = ""  # why the policy answered ABORT, if it did
+        self.before_suspend = None  # awaited before the guest is paused (a journal entry)
         self.suspended = False
         self.restored_pages = 0
         self.process = None  # the helper's trio Process while it runs
@@ -78,7 +79,12 @@ class HelperCallbacks(ToolstackHandlers):
     async def on_progress(self, context, doing_what, done, total) -> None:
         self.stats.record_progress(done, total)
 
+    async def on_restore_progress(self, pages, octets) -> None:
+        self.stats.record_received(pages, octets)
+
     async def on_suspend(self) -> bool:
+        if self.before_suspend is not None:
+            await self.before_suspend()
         await self.domain.runner.pause()
         self.suspended = True
         self.stats.record_suspend()
@@ -137,11 +143,14 @@ async def run_helper(
     domain: Domain,
     callbacks: HelperCallbacks,
     live: bool = False,
-    silence_timeout: float = HELPER_SILENCE_TIMEOUT,
+    silence_timeout: float | None = None,
     command: list[str] | None = None,
     stream_offset: int = 0,
 ) -> None:
-    """Run a helper to completion; HelperFailed (one line) if it did not succeed."""
+    """Run a helper to completion; HelperFailed (one line) if it did not succeed.
+    A helper that says nothing for `silence_timeout` s (DEADLINES.helper) is hung."""
+    if silence_timeout is None:
+        silence_timeout = DEADLINES.helper
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     cmd = [*(command or helper_command()), f"--{mode}-domain", "--io-fd", str(io_fd)]
     cmd += ["--rpc-fd", str(theirs.fileno()), "--domain", domain.control_path]

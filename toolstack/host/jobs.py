@@ -50,6 +50,7 @@ class Job:
         self.stats = stats
         self.policy = policy
         self.domain = domain  # the Domain this job owns while it runs, if any yet
+        self.migration_id: str | None = None  # a migration's id, the same on both hosts
         self.done = trio.Event()
         self.error: str | None = None
         self.committed = False

@@ -28,6 +28,7 @@ from protocol import NEED_DATA, RemoteProtocolError, libxl, xl
 from protocol._gen_control_msgs import DomainConfig
 from protocol._gen_runner_msgs import DomainState
 
+from . import faults
 from .domains import Domain, Host, ToolstackError, config_from_json, config_to_json
 from .helper_job import HelperCallbacks, HelperFailed, run_helper
 from .jobs import Job
@@ -49,8 +50,8 @@ async def save_domain(
     With `verify`, `job.stats.source_digest` is the RAM digest of the suspended guest."""
     stats = job.stats
     callbacks = HelperCallbacks(domain, stats, job.policy)
-    resume = await undo_for(domain, callbacks)
-    job.on_failure("resume the source", resume)
+    was_running = await is_running(domain)
+    job.on_failure("resume the source", lambda: resume_source(domain, was_running))
     fd, partial = await run_sync(_create_partial, path)
     job.on_failure(f"remove {partial}", lambda: run_sync(_unlink, partial))
     try:
@@ -67,7 +68,7 @@ async def save_domain(
     if verify:
         stats.source_digest = await domain.runner.digest()
     if keep:
-        await resume()
+        await resume_source(domain, was_running)
     else:
         await host.destroy(domain)
 
@@ -90,6 +91,7 @@ def _finish_file(fd: int, partial: str, path: str) -> None:
     """END, then the data on disk, then the name: a crash leaves the old file or the new one."""
     try:
         _write_all(fd, libxl.encode_end())
+        faults.point("save:fsync")
         os.fsync(fd)
         os.rename(partial, path)
         folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
@@ -108,21 +110,20 @@ def _unlink(path: str) -> None:
         pass
 
 
-async def undo_for(domain: Domain, callbacks: HelperCallbacks):
-    """The undo step of a job that saves or migrates `domain`, taken before
-    it starts: afterwards the guest is exactly as it was, log-dirty off and
-    running only if it was running."""
-    was_running = (await domain.runner.getinfo()).state == DomainState.RUNNING
+async def is_running(domain: Domain) -> bool:
+    return (await domain.runner.getinfo()).state == DomainState.RUNNING
 
-    async def resume_source() -> None:
-        try:
-            await domain.runner.logdirty_disable()
-            if was_running and callbacks.suspended:
-                await domain.runner.unpause()
-        except ToolstackError:
-            pass  # the domain itself is gone; nothing left to resume
 
-    return resume_source
+async def resume_source(domain: Domain, was_running: bool) -> None:
+    """After a failed save or migration: the guest is exactly as it was before
+    it, log-dirty off and running only if it was running (unpause is a no-op
+    for a guest that never stopped)."""
+    try:
+        await domain.runner.logdirty_disable()
+        if was_running:
+            await domain.runner.unpause()
+    except ToolstackError:
+        pass  # the domain itself is gone; nothing left to resume
 
 
 def read_exact(fd: int, n: int, what: str) -> bytes:

@@ -113,6 +113,10 @@ class JobStats:
             self.pages_sent = self._final_base[0] + done
             self.bytes_sent = self._final_base[1] + final.bytes
 
+    def record_received(self, pages: int, octets: int) -> None:
+        """A restore's progress: for receiving jobs, "sent" counts what arrived."""
+        self.pages_sent, self.bytes_sent = pages, octets
+
     def finish(self, phase: str, error: str = "") -> None:
         self.phase = phase
         self.error = error

@@ -1,11 +1,16 @@
 """The receiving side of a live migration, like `xl migrate-receive`.
 
-Serves one connection on the daemon's --listen port: authenticate the
-peer (nothing is created before it proved it holds the key), build an
-incoming domain for its `migrate` request, restore the stream into it with
-a restore helper, answer Ready, run the guest on `go`.  Until the guest
-runs, any failure (a dropped or stalled connection included) removes the
-half-built domain: it belongs to the migrate-receive job until then.
+Serves one connection on the daemon's --listen port: authenticate the peer
+(nothing is created before it proved it holds the key), then either build
+an incoming domain for its `migrate` request, or answer `whereabouts` for a
+sender that restarted in the middle of a migration.
+
+An incoming domain belongs to its migrate-receive job: no operator command
+touches it, and any failure before the guest runs (a dropped or stalled
+connection included) removes it.  At `go` the journal records the commit
+first, then the domain's state file is written, then the guest runs, then
+the reply goes out: a crash anywhere in between leaves either no guest here
+(the source resumes) or a guest the restarted daemon knows.
 """
 
 from __future__ import annotations
@@ -19,28 +24,35 @@ from protocol import NEED_DATA, RemoteProtocolError, auth, libxl
 from protocol import _gen_migration_msgs as msgs
 from protocol.handshake import RECEIVER, VERSION
 
-from ..host import HelperCallbacks, Host, Job, JobStats, ToolstackError, run_helper
-from . import deadlines
+from ..host import HelperCallbacks, Job, JobStats, ToolstackError, run_helper
+from ..host.deadlines import DEADLINES
+from .journal import DESTINATION, Record
 from .link import LinkError, MigrationLink
+from .ratelimit import RateLimitedLog
+from .site import Site
 
 log = logging.getLogger("ferry.migrate")
 LIBXL_PREFIX = libxl.HEADER.size + 8  # the libxl header and LIBXC_CONTEXT
+refusals = RateLimitedLog(log, per_minute=10)
 
 
 class Refused(Exception):
     """The peer is not let in; the message is logged, not shown to the peer."""
 
 
-async def serve_migration(host: Host, stream, key: bytes, jobs: dict, start_job) -> None:
-    """One incoming connection; never raises for a bad or vanishing peer.
-    `start_job(job, work)` runs a job the daemon's way and returns when it ends."""
+async def serve_migration(site: Site, stream) -> None:
+    """One incoming connection; never raises for a bad or vanishing peer."""
     link = MigrationLink(stream, RECEIVER)
     try:
-        await authenticate(link, key)
-        call = await link.next_call(deadlines.HANDSHAKE, "a migrate request")
-        await receive(host, link, call.message, jobs, start_job)
+        await authenticate(link, site.key)
+        call = await link.next_call(DEADLINES.handshake, "a migrate request")
+        if isinstance(call.message, msgs.Whereabouts):
+            state = await site.resolver.whereabouts(call.message.name, call.message.migration_id)
+            await link.answer(msgs.Location(state=state))
+            return
+        await receive(site, link, call.message)
     except Refused as exc:
-        log.warning("migration connection from %s refused: %s", peer_name(stream), exc)
+        refusals.warning("migration connection from %s refused: %s", peer_name(stream), exc)
     except LinkError as exc:
         log.warning("migration connection from %s ended: %s", peer_name(stream), exc)
     finally:
@@ -49,7 +61,7 @@ async def serve_migration(host: Host, stream, key: bytes, jobs: dict, start_job)
 
 async def authenticate(link: MigrationLink, key: bytes) -> None:
     try:
-        hello = (await link.next_call(deadlines.HANDSHAKE, "hello")).message
+        hello = (await link.next_call(DEADLINES.handshake, "hello")).message
     except LinkError as exc:
         raise Refused(str(exc)) from None
     if hello.version != VERSION:
@@ -58,40 +70,49 @@ async def authenticate(link: MigrationLink, key: bytes) -> None:
     server_nonce = auth.new_nonce()
     proof = auth.proof(key, b"server", hello.nonce, server_nonce)
     await link.answer(msgs.Challenge(nonce=server_nonce, proof=proof))
-    claimed = (await link.next_call(deadlines.HANDSHAKE, "the client's proof")).message
+    try:
+        claimed = (await link.next_call(DEADLINES.handshake, "the client's proof")).message
+    except LinkError as exc:
+        raise Refused(str(exc)) from None
     if not auth.verify(key, b"client", hello.nonce, server_nonce, claimed.proof):
         await link.refuse("authentication failed")
         raise Refused("authentication failed (wrong key?)")
     await link.answer()
 
 
-async def receive(host: Host, link: MigrationLink, request, jobs: dict, start_job) -> None:
+async def receive(site: Site, link: MigrationLink, request) -> None:
     config = request.config
-    if config.name in host.domains:
+    if config.name in site.host.domains:
         await link.refuse(f"a domain named {config.name!r} exists here")
         return
     stats = JobStats("migrate-receive", config.name, config.memory_bytes)
     stats.peer = peer_name(link.stream)
     job = Job(stats)
+    job.migration_id = request.migration_id
 
     async def work(job: Job) -> None:
         try:
-            await _build(host, job, link, request)
+            await _build(site, job, link, request)
         except BaseException as exc:
             await link.refuse(str(exc) or "the destination failed")
             raise
 
-    await start_job(job, work)
+    await site.run_job(job, work)
 
 
-async def _build(host: Host, job: Job, link: MigrationLink, request) -> None:
-    config, stats = request.config, job.stats
+async def _build(site: Site, job: Job, link: MigrationLink, request) -> None:
+    config, stats, host, journal = request.config, job.stats, site.host, site.journal
+    record = Record(
+        request.migration_id, DESTINATION, config.name, stats.peer, "receiving", config.to_wire()
+    )
+    await journal.record(record, "receiving")
+    job.on_failure("forget the migration", lambda: journal.remove(record.migration_id))
     domain = await host.create(config, incoming=True)
     job.own(domain)
     job.on_failure(f"destroy the half-built {config.name}", lambda: host.destroy(domain))
     await link.answer(msgs.Accepted(postcopy=False))
 
-    await link.next_call(deadlines.HANDSHAKE, "the stream")
+    await link.next_call(DEADLINES.handshake, "the stream")
     await read_libxl_prefix(link)
     stats.phase = "restoring"
     callbacks = HelperCallbacks(domain, stats)
@@ -105,7 +126,9 @@ async def _build(host: Host, job: Job, link: MigrationLink, request) -> None:
     await link.answer(ready)
 
     stats.phase = "waiting for go"
-    await link.next_call(deadlines.GO, "go")
+    await link.next_call(DEADLINES.go, "go")
+    await journal.record(record, "committed")
+    await host.save_state(domain)  # a guest that runs here is one this daemon knows
     await domain.runner.unpause()
     await host.commit(domain)
     job.commit()
@@ -114,7 +137,7 @@ async def _build(host: Host, job: Job, link: MigrationLink, request) -> None:
     try:
         await link.answer()
     except LinkError:
-        pass  # the guest runs here; the sender will find out (whereabouts)
+        pass  # the guest runs here; the sender will ask (whereabouts)
     log.info("incoming migration of %s complete: the guest runs here", domain.name)
 
 
@@ -128,13 +151,13 @@ async def read_libxl_prefix(link: MigrationLink) -> None:
 async def read_libxl_tail(link: MigrationLink) -> None:
     """The libxl records after the libxc stream, up to END (read exactly)."""
     decoder = libxl.LibxlDecoder(inner=False, expect_header=False)
-    with trio.move_on_after(deadlines.HANDSHAKE) as scope:
+    with trio.move_on_after(DEADLINES.handshake) as scope:
         while not isinstance(event := decoder.next_event(), libxl.LibxlEnd):
             if event is NEED_DATA:
                 decoder.feed(await link.receive_exact(decoder.wanted))
     if scope.cancelled_caught:
         raise ToolstackError(
-            f"the sender's stream stalled after the libxc END ({deadlines.HANDSHAKE:g} s)"
+            f"the sender's stream stalled after the libxc END ({DEADLINES.handshake:g} s)"
         )
 
 

@@ -8,9 +8,12 @@
                                   <-  (reply)  the commit point
     destroy the source
 
-Until the commit point every failure resumes the source exactly as it was
-(the job's undo step); after "go" has left, a lost confirmation leaves the
-source paused, since the guest may run at the destination.
+Each phase goes into the journal before it is acted on (journal.py).  Until
+"go" has left, every failure resumes the source exactly as it was (the
+job's undo step).  After it the guest may run at the destination: an error
+reply (the receiver could not start it) resumes the source, a lost reply
+leaves the domain in doubt until the destination says where the guest is
+(resolve.py), never resumed on a guess.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from protocol import _gen_migration_msgs as msgs
 from protocol import auth, libxl
 from protocol.handshake import SENDER, VERSION
 
-from ..host import Domain, HelperCallbacks, Host, Job, ToolstackError, run_helper
-from ..host.savefile import undo_for
-from . import deadlines
+from ..host import Domain, HelperCallbacks, Job, ToolstackError, faults, run_helper
+from ..host.deadlines import DEADLINES
+from ..host.savefile import is_running, resume_source
+from .journal import SOURCE, Record
 from .link import LinkError, MigrationLink, PeerRefused
+from .site import Site
 
 log = logging.getLogger("ferry.migrate")
 REASON_GRACE = 2.0  # s to read the receiver's reason after our stream broke
@@ -48,10 +53,11 @@ def parse_address(text: str) -> tuple[str, int]:
 async def connect(address: str) -> MigrationLink:
     host, port = parse_address(address)
     try:
-        with trio.fail_after(deadlines.CONNECT):
+        with trio.fail_after(DEADLINES.connect):
             stream = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
-        raise MigrationFailed(f"cannot reach destination {address}: {exc or 'timed out'}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+        raise MigrationFailed(f"cannot reach destination {address}: {reason}") from None
     return MigrationLink(stream, SENDER)
 
 
@@ -60,78 +66,93 @@ async def authenticate(link: MigrationLink, key: bytes) -> None:
     try:
         client_nonce = auth.new_nonce()
         hello = msgs.Hello(version=VERSION, nonce=client_nonce)
-        challenge = await link.call(hello, deadlines.HANDSHAKE, "authentication")
+        challenge = await link.call(hello, DEADLINES.handshake, "authentication")
         if not auth.verify(key, b"server", client_nonce, challenge.nonce, challenge.proof):
             raise MigrationFailed("destination failed authentication (wrong --auth-key?)")
         proof = auth.proof(key, b"client", client_nonce, challenge.nonce)
-        await link.call(msgs.Prove(proof=proof), deadlines.HANDSHAKE, "authentication")
+        await link.call(msgs.Prove(proof=proof), DEADLINES.handshake, "authentication")
     except PeerRefused as exc:
         raise MigrationFailed(f"destination refused authentication: {exc}") from None
 
 
-async def migrate_send(
-    host: Host,
-    job: Job,
-    domain: Domain,
-    address: str,
-    key: bytes,
-    verify: bool = False,
-    budget_ms: float | None = None,
-) -> None:
+async def migrate_send(site: Site, job: Job, domain: Domain, address: str, verify: bool) -> None:
     """Migrate `domain` to the daemon at `address`, as `job`."""
     stats = job.stats
     stats.peer = address
     stats.phase = "connecting"
     link = await connect(address)
     try:
-        await authenticate(link, key)
-        await _send(host, job, domain, link, verify, budget_ms)
+        await authenticate(link, site.key)
+        await _send(site, job, domain, link, verify)
     except LinkError as exc:
         raise MigrationFailed(f"destination {address}: {exc}") from None
     finally:
         await link.aclose()
 
 
-async def _send(host, job, domain, link, verify, budget_ms) -> None:
-    stats = job.stats
-    migration_id = secrets.token_hex(16)
-    request = msgs.Migrate(config=domain.config, migration_id=migration_id, verify=verify)
+async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verify: bool) -> None:
+    stats, journal = job.stats, site.journal
+    was_running = await is_running(domain)
+    record = Record(
+        secrets.token_hex(16),
+        SOURCE,
+        domain.name,
+        stats.peer,
+        "precopy",
+        domain.config.to_wire(),
+        was_running,
+    )
+    await journal.record(record, "precopy")
+    job.on_failure("forget the migration", lambda: journal.remove(record.migration_id))
+    job.on_failure("resume the source", lambda: resume_source(domain, was_running))
+    request = msgs.Migrate(config=domain.config, migration_id=record.migration_id, verify=verify)
     try:
-        await link.call(request, deadlines.HANDSHAKE, "an answer to the migrate request")
+        await link.call(request, DEADLINES.handshake, "an answer to the migrate request")
     except PeerRefused as exc:
         raise MigrationFailed(f"destination refused: {exc}") from None
 
-    callbacks = HelperCallbacks(domain, stats, job.policy, **_budget(budget_ms))
-    job.on_failure("resume the source", await undo_for(domain, callbacks))
+    callbacks = HelperCallbacks(domain, stats, job.policy, site.budget_ms)
+    callbacks.before_suspend = lambda: journal.record(record, "suspended")
     await send_stream(link, domain, callbacks)
     stats.phase = "waiting for destination"
     source_digest: dict = {}
     ready = await wait_until_ready(link, domain, verify, source_digest)
+
+    await journal.record(record, "go-sent")
     await link.send_call(msgs.Go())
     # "go" is out: the guest may run at the destination from now on, so no
-    # failure resumes the source any more.
+    # failure may resume the source on a guess.
     job.commit()
-    try:
-        await link.reply(deadlines.RUNNING, "confirmation that the guest runs")
-    except PeerRefused as exc:
-        # the receiver says it could not start the guest: it runs nowhere
-        raise MigrationFailed(
-            f"{domain.name}: the destination could not start the guest ({exc}); the source "
-            "is left paused: `ferry unpause` it once you have checked the destination"
-        ) from None
-    except LinkError as exc:
-        raise MigrationFailed(
-            f"{domain.name}: the destination did not confirm after 'go' ({exc}); the guest may "
-            "run there, so the source is left paused: check the destination"
-        ) from None
+    await faults.reached("source:go-out")
+    await wait_until_running(site, job, domain, link, record)
+    await journal.record(record, "committed")
     stats.resumed_ns = time.monotonic_ns()
     _record_verify(stats, verify, ready, source_digest)
-    await host.destroy(domain)
+    await site.host.destroy(domain)
+    await journal.remove(record.migration_id)
     stats.finish("completed")
 
 
-def _budget(budget_ms):
-    return {} if budget_ms is None else {"budget_ms": budget_ms}
+async def wait_until_running(site, job, domain, link, record) -> None:
+    """The receiver's answer to go: it runs the guest, it could not (the
+    source resumes), or no answer (in doubt until the destination says)."""
+    try:
+        await link.reply(DEADLINES.running, "confirmation that the guest runs")
+    except PeerRefused as exc:
+        # The receiver refuses go only before its guest ever ran: safe to resume here.
+        await resume_source(domain, record.was_running)
+        await site.journal.remove(record.migration_id)
+        raise MigrationFailed(
+            f"{domain.name}: the destination could not start the guest ({exc}); "
+            "the source runs on as it was"
+        ) from None
+    except LinkError as exc:
+        site.resolver.in_doubt(domain, record, str(exc))
+        raise MigrationFailed(
+            f"{domain.name}: no confirmation after 'go' ({exc}); the guest may run at "
+            f"{record.peer}, so the source is kept paused, in doubt, until the destination "
+            f"answers (retried in the background; `ferry migrate-resolve {domain.name}`)"
+        ) from None
 
 
 async def send_stream(link: MigrationLink, domain: Domain, callbacks) -> None:
@@ -170,7 +191,7 @@ async def wait_until_ready(link, domain, verify: bool, digest: dict):
 
             nursery.start_soon(digest_source)
         try:
-            ready = await link.reply(deadlines.READY, "Ready")
+            ready = await link.reply(DEADLINES.ready, "Ready")
         except PeerRefused as exc:
             raise MigrationFailed(f"destination failed: {exc}") from None
     return ready
