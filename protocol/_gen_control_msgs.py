@@ -302,7 +302,7 @@ class PolicyInfo:
     origin: str  # builtin, the --policy-module it came from, or 'entry point NAME (DIST)'
     doc: str = ''  # the first line of the policy's docstring
     settings: list[PolicySetting] = field(default_factory=list)  # its settings
-    budget_ms: float  # time each answer may take: CPU time, and a hard stop at 25x as wall time
+    budget_ms: float  # time each answer may take: wall time less any time the kernel preempted ferryd; stopped outright at 25x
 
     def to_wire(self):
         return _enc_PolicyInfo(self)

@@ -19,10 +19,13 @@ MAX_STR = 1 << 16  # characters in any string field unless the schema says less
 
 
 def fail(where: str, what: str, value: Any) -> RemoteProtocolError:
+    return RemoteProtocolError(f"{where}: expected {what}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """A value in an error line: never more than 60 characters of it."""
     shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return RemoteProtocolError(f"{where}: expected {what}, got {shown}")
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def check_int(value: Any, where: str, lo: int, hi: int) -> int:
@@ -99,14 +102,14 @@ def check_fields(value: Any, where: str, known: frozenset, required: tuple) -> d
 
 def check_pattern(value: str, where: str, pattern: re.Pattern, rule: str) -> str:
     if not pattern.fullmatch(value):
-        raise RemoteProtocolError(f"{where}: {value!r} breaks the rule: {rule}")
+        raise RemoteProtocolError(f"{where}: {_shown(value)} breaks the rule: {rule}")
     return value
 
 
 def check_choice(value: Any, where: str, choices: tuple) -> Any:
     if value not in choices:
-        listed = ", ".join(str(c) for c in choices)
-        raise RemoteProtocolError(f"{where}: {value!r} is not one of {listed}")
+        listed = ", ".join(repr(c) if c == "" else str(c) for c in choices)
+        raise RemoteProtocolError(f"{where}: {_shown(value)} is not one of {listed}")
     return value
 
 

@@ -187,8 +187,10 @@ def test_bad_settings_are_refused_before_anything_starts(pair):
         ),
         (["--set", "max_iterations=3", "--max-iterations", "4"], "already set"),
         (["--set", "nonsense"], "--set needs KEY=VALUE"),
-        (["--set", "downtime_limit=soon"], "downtime_limit: 'soon' is not a float"),
+        (["--set", "downtime_limit=soon"], "downtime_limit: 'soon' is not a number"),
         (["--set", "max_iterations=-1"], "max_iterations must not be negative"),
+        (["--set", "max_iterations=99999999999999999999999"], "is not an integer"),
+        (["--set", "max_iterations=\u0663"], "is not an integer"),  # an Arabic-Indic 3
         (["--policy", "nosuch"], "unknown policy 'nosuch'"),
     ]
     for flags, text in cases:
@@ -208,6 +210,9 @@ def test_json_errors_are_json_on_stdout(pair):
     assert as_json(r)["error"] == "no job for domain 'nosuch'"
     r = ferry(a, "create", "bad name", "--memory", "1M", "--json", check=False)
     assert "names are" in as_json(r)["error"]
+    r = ferry(a, "migrate", "vm1", "h:1", "--max-iterations", "abc", "--json", check=False)
+    assert r.returncode == 2 and r.stderr == ""  # a usage error, as JSON too
+    assert as_json(r)["command"] == "migrate" and "invalid int value" in as_json(r)["error"]
 
 
 def test_save_flags_and_restore_flags(pair, short_tmp):
@@ -215,6 +220,8 @@ def test_save_flags_and_restore_flags(pair, short_tmp):
     create(a, "vm1", "--dirty-rate", "20000")
     path = os.path.join(short_tmp, "vm1.save")
     r = ferry(a, "save", "vm1", path, "--set", "max_iterations=1", check=False)
+    assert r.returncode == 1 and "add --live" in r.stderr
+    r = ferry(a, "save", "vm1", path, "--policy", "converge", check=False)
     assert r.returncode == 1 and "add --live" in r.stderr
     saved = as_json(
         ferry(
@@ -298,3 +305,89 @@ def test_verify_stream_flags(pair, short_tmp):
     report = as_json(bad)
     assert bad.returncode == 1 and report["valid"] is False and "truncated" in report["error"]
     assert report["format"] == "xl" and report["offset"] > 0
+
+
+def test_a_domain_belongs_to_one_job_however_fast_the_requests_come(pair):
+    """Migrations of one domain asked for at once: one runs, the others are refused."""
+    import threading
+
+    from toolstack.cli import DaemonClient, DaemonError
+
+    a, b = pair
+    create(a, "vm1", "--dirty-rate", "20000")
+    outcomes = []
+
+    def ask():
+        try:
+            with DaemonClient(a.socket) as d:
+                outcomes.append(d.migrate(name="vm1", address=b.address).phase)
+        except DaemonError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert outcomes.count("completed") == 1
+    refused = [o for o in outcomes if o != "completed"]
+    assert all("belongs to a migrate job" in o or "no domain named" in o for o in refused), refused
+    assert b.call("guest_check", name="vm1") == "ok"
+
+
+def test_a_failed_restore_does_not_hide_a_running_job(pair, short_tmp):
+    a, b = pair
+    create(a, "vm1", "--dirty-rate", "40000")
+    path = os.path.join(short_tmp, "other.save")
+    create(a, "other")
+    ferry(a, "save", "other", path)
+    import threading
+
+    endless = ["--policy", "xen", "--set", "max_dirty=0", "--set", "max_iterations=1000000"]
+    thread = threading.Thread(target=ferry, args=(a, "migrate", "vm1", b.address, *endless))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while a.call("job", name="vm1").phase != "precopy" if _has_job(a) else True:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    r = ferry(a, "restore", path, "--name", "vm1", check=False)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    job = a.call("job", name="vm1")
+    assert job.kind == "migrate" and job.running
+    ferry(a, "job-control", "vm1", "stop-and-copy")
+    thread.join(60)
+    assert b.call("info", name="vm1").state == "running"
+
+
+def _has_job(daemon) -> bool:
+    from toolstack.cli import DaemonError
+
+    try:
+        daemon.call("job", name="vm1")
+        return True
+    except DaemonError:
+        return False
+
+
+def test_converge_takes_an_empty_pass_for_convergence(pair):
+    """A quiet guest whose passes find nothing dirty has converged, even before a
+    bandwidth could be measured: no abort for 'not converging'."""
+    a, b = pair
+    ferry(a, "create", "vm1", "--memory", "16M", "--dirty-rate", "200")
+    r = ferry(
+        a, "migrate", "vm1", b.address, "--max-iterations", "3", "--fallback", "abort", "--json"
+    )
+    assert json.loads(r.stdout)["phase"] == "completed"
+
+
+def test_restore_refuses_what_is_not_a_save_file(pair, short_tmp):
+    a, _b = pair
+    for path, says in (("/", "not a regular file"), ("/dev/null", "not a regular file")):
+        r = ferry(a, "restore", path, check=False)
+        assert r.returncode == 1 and says in r.stderr, r.stderr
+    from toolstack.cli import DaemonClient, DaemonError
+
+    with DaemonClient(a.socket) as d:
+        with pytest.raises(DaemonError, match="cannot read"):
+            d.restore(file="/tmp/with\0nul")
+        assert d.list() == []  # and the connection still serves

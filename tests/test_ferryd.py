@@ -38,7 +38,12 @@ def test_control_puts_the_socket_elsewhere_and_log_level_sets_what_is_logged(sho
     "args, says",
     [
         (["--listen", "127.0.0.1:0"], "--listen needs --auth-key"),
-        (["--policy-budget-ms", "0"], "--policy-budget-ms must be positive"),
+        (["--policy-budget-ms", "0"], "--policy-budget-ms must be within"),
+        (["--policy-budget-ms", "inf"], "--policy-budget-ms must be within"),
+        (["--max-overcommit", "0"], "--max-overcommit must be within"),
+        (["--deadline", "helper=fast"], "is not a number"),
+        (["--deadline", "coffee=3"], "NAME one of"),
+        (["--auth-key", "OPEN"], "is readable by others"),
         (["--listen", "nowhere", "--auth-key", "KEY"], "is not HOST:PORT"),
         (["--auth-key", "/nonexistent/key"], "cannot read auth key"),
         (["--auth-key", "SHORT"], "shorter than 16 octets"),
@@ -47,11 +52,18 @@ def test_control_puts_the_socket_elsewhere_and_log_level_sets_what_is_logged(sho
 def test_bad_ferryd_flags_are_one_line(short_tmp, args, says):
     key = os.path.join(short_tmp, "key")
     short = os.path.join(short_tmp, "short")
-    for path, text in ((key, "k" * 32), (short, "k" * 4)):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    open_key = os.path.join(short_tmp, "open")
+    for path, text, mode in (
+        (key, "k" * 32, 0o600),
+        (short, "k" * 4, 0o600),
+        (open_key, "k" * 32, 0o644),
+    ):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, mode)
         os.write(fd, text.encode())
         os.close(fd)
-    args = [key if a == "KEY" else short if a == "SHORT" else a for a in args]
+        os.chmod(path, mode)
+    names = {"KEY": key, "SHORT": short, "OPEN": open_key}
+    args = [names.get(a, a) for a in args]
     r = subprocess.run(
         [*executable("ferryd", "toolstack.daemon"), "--state-dir", short_tmp + "/s", *args],
         capture_output=True,
@@ -60,3 +72,15 @@ def test_bad_ferryd_flags_are_one_line(short_tmp, args, says):
     )
     assert r.returncode != 0 and says in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_one_ferryd_per_state_dir(cluster):
+    a = cluster.daemon("a", listen=False)
+    r = subprocess.run(
+        [*executable("ferryd", "toolstack.daemon"), "--state-dir", a.state],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "another ferryd runs on --state-dir" in r.stderr
+    assert ferry(a, "list", "--json").stdout.strip() == "[]"  # the first serves on

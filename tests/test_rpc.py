@@ -24,6 +24,7 @@ HELPER_SAMPLES = {
     "restore_results": hm.RestoreResults(1, 2, 3),
     "complete": hm.Complete(0, 0, "", 0),
     "precopy_policy": hm.PrecopyPolicy(STATS),
+    "restore_progress": hm.RestoreProgress(1024, 4202496),
 }
 HELPER_REPLIES = {
     "suspend": True,

@@ -68,12 +68,33 @@ POLICY_FILE = textwrap.dedent(
             return Decision.CONTINUE_PRECOPY
 
 
+    class Exits(Policy):
+        def rule(self, stats, estimate):
+            raise SystemExit(3)
+
+
+    class SlowCheck(Policy):
+        SETTINGS = {"x": int}
+
+        def __init__(self):
+            super().__init__()
+            self.x = 1
+
+        def check_setting(self, key, value):
+            time.sleep(5)
+
+        def rule(self, stats, estimate):
+            return Decision.STOP_AND_COPY
+
+
     POLICIES = {
         "stop-at": StopAt,
         "raises": Raises,
         "answers-junk": AnswersJunk,
         "slow": Slow,
         "hangs": Hangs,
+        "exits": Exits,
+        "slow-check": SlowCheck,
     }
     '''
 )
@@ -134,6 +155,7 @@ def test_a_policy_from_a_file_outside_the_project_steers_a_real_migration(cluste
         ("answers-junk", "policy 'answers-junk' answered 'stop', which is not a Decision"),
         ("slow", "policy 'slow' took"),
         ("hangs", "policy 'hangs' did not answer within 50 ms and was stopped"),
+        ("exits", "policy 'exits' raised SystemExit: 3"),
     ],
 )
 def test_a_policy_that_breaks_its_contract_fails_only_its_job(cluster, policy_file, policy, says):
@@ -220,6 +242,61 @@ def test_a_broken_policy_module_stops_ferryd_with_one_line(short_tmp, module, sa
     cmd = executable("ferryd", "toolstack.daemon")
     r = subprocess.run(
         [*cmd, "--state-dir", os.path.join(short_tmp, "s"), "--policy-module", module],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and says in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_policys_own_setting_check_runs_under_the_budget_too(cluster, policy_file):
+    a, b = start_pair(cluster, "--policy-module", policy_file)
+    started = time.monotonic()
+    r = ferry(a, "migrate", "vm1", b.address, "--policy", "slow-check", "--set", "x=2", check=False)
+    assert r.returncode == 1 and "policy 'slow-check' did not take x within 50 ms" in r.stderr
+    assert time.monotonic() - started < 3  # not the 5 s it wanted
+    assert [d.name for d in a.call("list")] == ["vm1"]
+
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        (
+            "class P(Policy):\n    def __init__(self):\n        raise RuntimeError('no')\n"
+            "    def rule(self, s, e): pass\n",
+            "policy 'p' raised RuntimeError: no",
+        ),
+        (
+            "class P(Policy):\n    SETTINGS = {'reason': str}\n    def rule(self, s, e): pass\n",
+            "'reason' cannot be a setting's name",
+        ),
+        (
+            "class P(Policy):\n    SETTINGS = {'ghost': int}\n    def rule(self, s, e): pass\n",
+            "has no 'ghost' (its default)",
+        ),
+        (
+            "class P(Policy):\n    SETTINGS = {'x': int}\n    x = 2**70\n    def rule(self, s, e): pass\n",
+            "default of x: 1180591620717411303424 is out of range",
+        ),
+        (
+            "class P(Policy):\n    SETTINGS = ['x']\n    def rule(self, s, e): pass\n",
+            "SETTINGS is not a dict",
+        ),
+        ("import sys\nsys.exit(0)\n", "SystemExit"),
+    ],
+)
+def test_a_policy_class_is_checked_whole_when_it_loads(short_tmp, body, says):
+    path = os.path.join(short_tmp, "bad_policy.py")
+    with open(path, "w") as f:
+        f.write(
+            "from toolstack import Policy\n" + body + "POLICIES = {'p': P}\n"
+            if "class" in body
+            else body
+        )
+    cmd = executable("ferryd", "toolstack.daemon")
+    r = subprocess.run(
+        [*cmd, "--state-dir", os.path.join(short_tmp, "s"), "--policy-module", path],
         capture_output=True,
         text=True,
         timeout=60,

@@ -104,8 +104,8 @@ class Save(Command):
     @staticmethod
     def run(args) -> int:
         settings = settings_from(args)
-        if settings and not args.live:
-            raise CliError("policy settings steer a live save: add --live")
+        if (settings or args.policy != "xen") and not args.live:
+            raise CliError("a policy steers a live save: add --live")
         report = run_job(
             args,
             "save",

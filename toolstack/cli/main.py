@@ -16,8 +16,21 @@ from .resolve import MigrateResolve
 from .verify import VerifyStream
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are a CliError object too when --json was asked for."""
+
+    json_errors = False
+
+    def error(self, message: str):
+        if self.json_errors:
+            command = self.prog.split()[-1] if " " in self.prog else ""
+            emit_json(CliErrorReport(error=message, command=command))
+            raise SystemExit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ferry", description="live-migration toolstack")
+    parser = Parser(prog="ferry", description="live-migration toolstack")
     parser.add_argument("--connect", metavar="SOCK", help="ferryd control socket")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in [*DOMAIN_COMMANDS, *JOB_COMMANDS, MigrateResolve, VerifyStream, Demo, Bench]:
@@ -26,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

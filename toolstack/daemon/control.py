@@ -19,11 +19,12 @@ from protocol import Call, ProtocolError
 from protocol import _gen_control_msgs as msgs
 from protocol._gen_control_msgs import DaemonInfo, DomainInfo, JobReport, PolicyInfo
 
-from ..host import HelperFailed, Job, JobStats, ToolstackError
+from ..host import Job, JobStats, ToolstackError
 from ..host.async_channel import AsyncChannel, ChannelError
 from ..host.savefile import open_save_file, rename, restore_domain, save_domain
 from ..migration import migrate_send
-from ..policies import PolicyError
+from ..policies import PolicyError, PolicyFailed
+from ..policies.guard import one_line
 from ._gen_control_dispatch import DaemonHandlers
 
 log = logging.getLogger("ferry.control")
@@ -58,13 +59,19 @@ class ControlSession(DaemonHandlers):
             log.debug("control: %s", event.message.SPEC.name)
             try:
                 reply = await self.dispatch(event.message)
-            except (ToolstackError, ProtocolError, PolicyError, HelperFailed) as exc:
-                await self.channel.send(conn.send_error(str(exc)))
+            except (ToolstackError, ProtocolError, PolicyError, PolicyFailed) as exc:
+                await self.channel.send(conn.send_error(one_line(str(exc), 1000)))
                 continue
             except OSError as exc:  # the host refused something (no space, no fds...)
                 await self.channel.send(conn.send_error(exc.strerror or str(exc)))
                 continue
-            await self.channel.send(conn.send_reply(reply))
+            try:
+                frame = conn.send_reply(reply)
+            except (ProtocolError, ValueError, OverflowError, TypeError) as exc:
+                # a bug, but the client still deserves an answer, and the line stays usable
+                log.exception("the reply to %s could not be encoded", event.message.SPEC.name)
+                frame = conn.send_error(f"internal error: the reply could not be encoded ({exc})")
+            await self.channel.send(frame)
 
     # -- domains -----------------------------------------------------------------
     async def on_ping(self) -> DaemonInfo:
@@ -120,7 +127,8 @@ class ControlSession(DaemonHandlers):
         domain = self._idle_domain(name)
         path = _absolute(file)
         steer = self.daemon.policies.make(policy, settings) if live else None
-        job = Job(JobStats("save", name, domain.config.memory_bytes), steer, domain)
+        job = Job(JobStats("save", name, domain.config.memory_bytes), steer)
+        job.own(domain)  # claimed before anything else can run: no second job gets it
 
         async def work(job: Job) -> None:
             await save_domain(job, self.host, domain, path, live=live, keep=keep)
@@ -133,6 +141,8 @@ class ControlSession(DaemonHandlers):
         try:
             if name:
                 config = rename(config, name)
+            if config.name in self.host.domains:
+                raise ToolstackError(f"a domain named {config.name!r} already exists")
         except BaseException:
             os.close(fd)
             raise
@@ -152,7 +162,8 @@ class ControlSession(DaemonHandlers):
         if key is None:
             raise ToolstackError("this daemon has no --auth-key to authenticate to the destination")
         steer = self.daemon.policies.make(policy, settings)  # a bad setting fails here, early
-        job = Job(JobStats("migrate", name, domain.config.memory_bytes), steer, domain)
+        job = Job(JobStats("migrate", name, domain.config.memory_bytes), steer)
+        job.own(domain)  # claimed before anything else can run: no second job gets it
 
         async def work(job: Job) -> None:
             await migrate_send(self.daemon.site, job, domain, address, verify)
@@ -181,7 +192,7 @@ class ControlSession(DaemonHandlers):
         job = self.daemon.jobs.get(name)
         if job is None or not job.running:
             raise ToolstackError(f"no running job for domain {name!r}")
-        message = job.control(action, key, value)
+        message = job.control(action, key, value, self.daemon.policies.budget_ms)
         log.info("%s: job-control: %s", name, message)
         return message
 

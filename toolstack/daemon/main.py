@@ -7,6 +7,7 @@ ferryd --state-dir DIR [--control SOCK] [--listen HOST:PORT] [--auth-key FILE]
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import stat
@@ -50,6 +51,18 @@ def make_private_dir(path: str) -> None:
     if info.st_uid != os.getuid():
         raise SystemExit(f"ferryd: --state-dir {path} belongs to another user")
     os.chmod(path, 0o700)
+
+
+def lock_state_dir(path: str) -> int:
+    """One ferryd per state dir: a second would steal the control socket and
+    re-attach the same runners while the first still drives them."""
+    fd = os.open(os.path.join(path, "ferryd.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"ferryd: another ferryd runs on --state-dir {path}") from None
+    return fd
 
 
 def load_policies(modules: list[str], budget_ms: float) -> PolicyRegistry:
@@ -117,11 +130,11 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    if not args.policy_budget_ms > 0:
-        print("ferryd: --policy-budget-ms must be positive", file=sys.stderr)
+    if not 0.05 <= args.policy_budget_ms <= 10_000:
+        print("ferryd: --policy-budget-ms must be within 0.05..10000", file=sys.stderr)
         return 2
-    if not args.max_overcommit > 0:
-        print("ferryd: --max-overcommit must be positive", file=sys.stderr)
+    if not 0 < args.max_overcommit <= 1000:
+        print("ferryd: --max-overcommit must be within 0..1000", file=sys.stderr)
         return 2
     try:
         for assignment in args.deadline:
@@ -135,10 +148,12 @@ def main(argv=None) -> int:
     request_short_slice()  # answer helpers promptly even when the CPUs are busy
     try:
         make_private_dir(args.state_dir)
+        lock = lock_state_dir(args.state_dir)  # held until the process ends
         daemon = Daemon(
             args.state_dir, args.control, args.listen, key, policies, args.max_overcommit
         )
         trio.run(daemon.run)
+        os.close(lock)
     except OSError as exc:
         print(f"ferryd: {exc.strerror or exc}", file=sys.stderr)
         return 1

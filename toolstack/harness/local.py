@@ -64,8 +64,12 @@ class LocalDaemon:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, env: dict | None = None) -> LocalDaemon:
+        """Start (or restart) the daemon; a restart listens on the same port,
+        as a real host's daemon does."""
         if env is not None:
             self.env = env
+        if self.port is not None and "127.0.0.1:0" in self.cmd:
+            self.cmd[self.cmd.index("127.0.0.1:0")] = self.address
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
                 self.cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env
@@ -111,7 +115,10 @@ class LocalDaemon:
             with self.client() as daemon:
                 for domain in daemon.list():
                     try:
-                        daemon.destroy(name=domain.name)
+                        if domain.state == "in-doubt":
+                            daemon.migrate_resolve(name=domain.name, force="destroy")
+                        else:
+                            daemon.destroy(name=domain.name)
                     except DaemonError:
                         pass
         except DaemonError:

@@ -65,7 +65,7 @@ class Domain:
     def __init__(self, host: Host, config: DomainConfig) -> None:
         self.host = host
         self.config = config
-        self.busy: str | None = None  # the job that owns it right now (save, migrate...)
+        self.owner = None  # the Job that owns it right now (save, migrate, migrate-receive...)
         # The runner's process, so that destroy can wait until it is gone:
         # our child, or one an earlier toolstack started (re-attached).
         self.process: subprocess.Popen | AdoptedRunner | None = None
@@ -79,6 +79,11 @@ class Domain:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def busy(self) -> str | None:
+        """The kind of job that owns the domain, or None."""
+        return self.owner.kind if self.owner is not None else None
 
     @property
     def control_path(self) -> str:
@@ -284,7 +289,9 @@ class Host:
         )
         await faults.reached("runner:start")
         try:
-            proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
+            proc = await trio.to_thread.run_sync(
+                lambda: subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
+            )
         except OSError as exc:
             raise ToolstackError(f"domain {c.name}: cannot start its runner: {exc}") from None
         try:

@@ -25,6 +25,7 @@ from protocol import _gen_helper_msgs as msgs
 from protocol._gen_helper_msgs import PrecopyDecision
 
 from ..policies import DEFAULT_BUDGET_MS, Policy, decide
+from ..policies.guard import one_line
 from ._gen_helper_dispatch import ToolstackHandlers
 from .async_channel import AsyncChannel, ChannelError
 from .deadlines import DEADLINES
@@ -128,10 +129,10 @@ class HelperCallbacks(ToolstackHandlers):
             decision = PrecopyDecision.STOP_AND_COPY
         if self.policy:
             if decision != PrecopyDecision.CONTINUE_PRECOPY:
-                s.decision = f"{decision.name.lower()}: {self.policy.reason}"
+                s.decision = f"{decision.name.lower()}: {one_line(str(self.policy.reason))}"
                 if decision == PrecopyDecision.ABORT:
-                    self.abort_reason = (
-                        f"policy {self.policy.name} aborted the migration: {self.policy.reason}"
+                    self.abort_reason = f"policy {self.policy.name} aborted the migration: " + (
+                        one_line(str(self.policy.reason))
                     )
                 log.info("%s: %s", self.domain.name, s.decision)
         return decision

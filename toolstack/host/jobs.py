@@ -29,7 +29,9 @@ from protocol import ProtocolError
 from protocol._gen_control_msgs import JobReport
 from protocol._gen_helper_msgs import PrecopyDecision
 
-from ..policies import Policy, PolicyError, PolicyFailed
+from ..policies import DEFAULT_BUDGET_MS, Policy, PolicyError, PolicyFailed
+from ..policies.guard import one_line
+from ..policies.registry import set_setting
 from .domains import ToolstackError
 from .stats import JobStats
 
@@ -49,7 +51,7 @@ class Job:
     def __init__(self, stats: JobStats, policy: Policy | None = None, domain=None) -> None:
         self.stats = stats
         self.policy = policy
-        self.domain = domain  # the Domain this job owns while it runs, if any yet
+        self.domain = None  # the Domain this job owns while it runs, if any yet
         self.migration_id: str | None = None  # a migration's id, the same on both hosts
         self.done = trio.Event()
         self.error: str | None = None
@@ -57,6 +59,8 @@ class Job:
         self._undo: list = []  # (description, async callable), run last-first on failure
         self._scope = trio.CancelScope()
         self._abort_reason: str | None = None
+        if domain is not None:
+            self.own(domain)
 
     @property
     def kind(self) -> str:
@@ -71,9 +75,16 @@ class Job:
 
     # -- what the work says as it goes ------------------------------------------------
     def own(self, domain) -> None:
-        """From now on the job owns `domain` (a half-built one, say)."""
+        """From now on the job owns `domain`: no other job or command may touch
+        it.  Synchronous, so that a check that the domain is free and its claim
+        cannot be separated by another request (ToolstackError if it is taken)."""
+        if domain.owner is not None and domain.owner is not self:
+            raise ToolstackError(
+                f"domain {domain.name} belongs to a {domain.owner.kind} job until it ends "
+                f"(see `ferry job {domain.name}`)"
+            )
         self.domain = domain
-        domain.busy = self.kind
+        domain.owner = self
 
     def on_failure(self, what: str, undo) -> None:
         """If the job fails from here on, `await undo()` (shielded) puts it right."""
@@ -85,7 +96,7 @@ class Job:
         self._undo.clear()
 
     # -- operators ---------------------------------------------------------------------
-    def control(self, action: str, key: str = "", value: str = "") -> str:
+    def control(self, action: str, key: str = "", value: str = "", budget_ms=None) -> str:
         """An operator's order: abort ends the job now (before its commit point);
         stop-and-copy and set reach the policy's next answer."""
         if not self.running:
@@ -106,7 +117,7 @@ class Job:
             self.policy.request(PrecopyDecision.STOP_AND_COPY)
             return f"{action} requested"
         if action == "set":
-            self.policy.set(key, value)
+            set_setting(self.policy, key, value, budget_ms or DEFAULT_BUDGET_MS)
             return f"{key} = {getattr(self.policy, key)}"
         raise ToolstackError(f"unknown action {action!r}: abort, stop-and-copy or set KEY=VALUE")
 
@@ -115,9 +126,9 @@ class Job:
         """Run `await work(self)`; record the outcome, undo on failure, never raise
         (the outcome is in `error` and the stats)."""
         if registry is not None:
-            registry[self.stats.domain] = self
-        if self.domain is not None:
-            self.domain.busy = self.kind
+            current = registry.get(self.stats.domain)
+            if current is None or not current.running:  # never hide a job that runs
+                registry[self.stats.domain] = self
         try:
             with self._scope:
                 await work(self)
@@ -130,16 +141,15 @@ class Job:
             await self._run_undo()
             raise
         except BaseException as exc:  # noqa: B036 - every failure is recorded, then undone
-            self._fail(describe(exc))
+            self._fail(describe(exc))  # a job's failure, whatever it was, is not the daemon's
             await self._run_undo()
-            if not isinstance(exc, Exception):
-                raise
         finally:
-            if self.domain is not None and self.domain.busy == self.kind:
-                self.domain.busy = None
+            if self.domain is not None and self.domain.owner is self:
+                self.domain.owner = None
             self.done.set()
 
     def _fail(self, message: str) -> None:
+        message = one_line(message, 1000)
         self.error = message
         if self.stats.ended_ns is None or not self.stats.error:
             self.stats.finish("failed", message)

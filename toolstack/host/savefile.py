@@ -18,6 +18,7 @@ job's policy answers.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import time
 
@@ -177,13 +178,18 @@ def open_save_file(path: str) -> tuple[int, DomainConfig]:
     """The file, positioned at its libxc stream, and the config it carries."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ToolstackError(f"cannot read {path}: {exc.strerror}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise ToolstackError(f"cannot read {path!r}: {getattr(exc, 'strerror', exc)}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ToolstackError(f"{path}: not a regular file")
         return fd, read_headers(fd)
     except RemoteProtocolError as exc:
         os.close(fd)
         raise ToolstackError(f"{path}: not a valid save file: {exc}") from None
+    except OSError as exc:
+        os.close(fd)
+        raise ToolstackError(f"cannot read {path}: {exc.strerror or exc}") from None
     except BaseException:
         os.close(fd)
         raise

@@ -55,8 +55,12 @@ async def connect(address: str) -> MigrationLink:
     try:
         with trio.fail_after(DEADLINES.connect):
             stream = await trio.open_tcp_stream(host, port)
-    except (OSError, trio.TooSlowError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+    except trio.TooSlowError:
+        raise MigrationFailed(
+            f"cannot reach destination {address}: no answer within {DEADLINES.connect:g} s"
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
         raise MigrationFailed(f"cannot reach destination {address}: {reason}") from None
     return MigrationLink(stream, SENDER)
 
@@ -162,6 +166,8 @@ async def send_stream(link: MigrationLink, domain: Domain, callbacks) -> None:
     try:
         await run_helper("save", link.fileno, domain, callbacks, live=True)
     except ToolstackError as exc:
+        if callbacks.abort_reason:
+            raise  # our own policy ended it: nothing to ask the receiver
         reason = await _receivers_reason(link)
         raise MigrationFailed(f"destination failed: {reason}" if reason else str(exc)) from None
     await link.send_raw(libxl.encode_end())

@@ -32,6 +32,7 @@ it is what `ferry job` shows as the decision.
 from __future__ import annotations
 
 import math
+import re
 
 from protocol._gen_helper_msgs import PrecopyDecision, PrecopyStats
 
@@ -45,6 +46,12 @@ ABORT = Decision.ABORT
 
 SETTING_TYPES = {int: "int", float: "float", str: "str", bool: "bool"}
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+INT_TEXT = re.compile(r"[+-]?[0-9]{1,19}")
+FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+MAX_TEXT = 1024  # characters of a str setting
+# names a setting may not take: the attributes every policy already has
+RESERVED = {"name", "requested", "reason", "SETTINGS", "decide", "rule", "request", "set"}
+RESERVED |= {"settings", "check_setting"}
 
 
 class PolicyError(ValueError):
@@ -104,20 +111,36 @@ class Policy:
 
 
 def parse_setting(key: str, kind: type, value):
-    """`value` (text, or already a value) as a `kind`; PolicyError otherwise."""
-    if type(value) is kind or (kind is float and type(value) is int):
-        return kind(value)
-    if not isinstance(value, str):
-        raise PolicyError(f"{key}: {value!r} is not a {SETTING_TYPES[kind]}")
+    """`value` (text, or already a value) as a `kind` within its bounds;
+    PolicyError otherwise.  Text is plain ASCII as a person types it."""
+    if isinstance(value, str):
+        value = _from_text(key, kind, value)
+    elif kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise PolicyError(f"{key}: {value!r} is not {_a(kind)}")
+    if kind is int and not -(2**63) <= value < 2**63:
+        raise PolicyError(f"{key}: {value} is out of range")
+    if kind is float and not (math.isfinite(value) and abs(value) < 1e18):
+        raise PolicyError(f"{key}: {value!r} is not a finite number below 1e18")
+    if kind is str and (len(value) > MAX_TEXT or not value.isprintable()):
+        raise PolicyError(f"{key}: at most {MAX_TEXT} printable characters")
+    return value
+
+
+def _from_text(key: str, kind: type, text: str):
+    word = text.strip()
+    if kind is str:
+        return text
     if kind is bool:
-        word = value.strip().lower()
-        if word in TRUE_WORDS or word in FALSE_WORDS:
-            return word in TRUE_WORDS
-        raise PolicyError(f"{key}: {value!r} is not true or false")
-    try:
-        parsed = kind(value)
-    except ValueError:
-        raise PolicyError(f"{key}: {value!r} is not a {SETTING_TYPES[kind]}") from None
-    if kind is float and not math.isfinite(parsed):
-        raise PolicyError(f"{key}: {value!r} is not a finite number")
-    return parsed
+        if word.lower() in TRUE_WORDS or word.lower() in FALSE_WORDS:
+            return word.lower() in TRUE_WORDS
+        raise PolicyError(f"{key}: {text!r} is not true or false")
+    pattern = INT_TEXT if kind is int else FLOAT_TEXT
+    if not pattern.fullmatch(word):
+        raise PolicyError(f"{key}: {text!r} is not {_a(kind)}")
+    return kind(word)
+
+
+def _a(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]

@@ -70,6 +70,8 @@ class Estimator:
             self.bandwidth = min(window, whole) if whole else window
 
     def _expected_downtime_ms(self, stats: PrecopyStats, now: int) -> float | None:
+        if stats.dirty_count == 0 and stats.iter_remaining == 0:
+            return 0.0  # a pass found nothing dirty: stopping now copies nothing
         if stats.dirty_count < 0 or not self.bandwidth:
             return None  # iteration 0, or no bandwidth measured yet: unknown
         since_clean = (now - self._iteration_start) / 1e9

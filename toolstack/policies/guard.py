@@ -11,8 +11,14 @@ every other job waits while it does.  So each call is measured:
   ferryd (involuntary context switches, from getrusage): a busy host is
   not the policy's fault, so then only the CPU time the call used counts;
 - a call that has not answered after HARD_STOP_FACTOR budgets is stopped
-  there (SIGALRM raises in it), so a policy that loops or blocks cannot
+  there (SIGALRM raises in it, and again every HARD_STOP_FACTOR budgets
+  until it returns), so a policy that loops or sleeps by mistake cannot
   hang the daemon.  This needs the main thread, where ferryd runs trio.
+
+A policy is code its operator chose to load into ferryd, like a kernel
+module: these guards catch mistakes, not a policy written to defeat them
+(one that catches BaseException in a loop, or blocks inside C code where
+no signal handler runs).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import signal
 import threading
 import time
 
-from .base import Decision, Policy
+from .base import Decision, Policy, PolicyError
 
 log = logging.getLogger("ferry.policy")
 
@@ -53,24 +59,12 @@ def decide(policy: Policy, stats, estimate, budget_ms: float = DEFAULT_BUDGET_MS
     """The policy's answer to one batch, or PolicyFailed."""
     usage_before = resource.getrusage(resource.RUSAGE_THREAD)
     started = time.perf_counter_ns()
-    try:
-        with _hard_stop(budget_ms * HARD_STOP_FACTOR / 1000):
-            decision = policy.decide(stats, estimate)
-    except _HardStop:
-        raise PolicyFailed(
-            f"policy {policy.name!r} did not answer within {budget_ms * HARD_STOP_FACTOR:g} ms "
-            f"and was stopped (its budget is {budget_ms:g} ms)"
-        ) from None
-    except Exception as exc:
-        log.error("policy %r raised", policy.name, exc_info=True)
-        raise PolicyFailed(f"policy {policy.name!r} raised {type(exc).__name__}: {exc}") from None
+    decision = call(policy.name, "answer", policy.decide, stats, estimate, budget_ms=budget_ms)
     wall_ms = (time.perf_counter_ns() - started) / 1e6
     if type(decision) is not Decision:
-        shown = repr(decision)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."
         raise PolicyFailed(
-            f"policy {policy.name!r} answered {shown}, which is not a Decision "
-            "(CONTINUE_PRECOPY, STOP_AND_COPY, POSTCOPY or ABORT)"
+            f"policy {policy.name!r} answered {one_line(repr(decision), 40)}, which is not a "
+            "Decision (CONTINUE_PRECOPY, STOP_AND_COPY, POSTCOPY or ABORT)"
         )
     if wall_ms > budget_ms:
         charged = _charged_ms(usage_before, wall_ms)
@@ -81,6 +75,36 @@ def decide(policy: Policy, stats, estimate, budget_ms: float = DEFAULT_BUDGET_MS
             )
         log.debug("policy %r: %.1f ms while preempted; not counted", policy.name, wall_ms)
     return decision
+
+
+def call(name: str, what: str, fn, *args, budget_ms: float = DEFAULT_BUDGET_MS, loud=True):
+    """Run a policy's own code (its rule, its constructor, a setting's check) on
+    ferryd's loop: stopped at HARD_STOP_FACTOR budgets; anything it raises,
+    SystemExit included, becomes PolicyFailed naming the policy.  The
+    traceback goes to the log (at debug level when not `loud`: ferryd's start,
+    whose one line says it all)."""
+    limit_ms = budget_ms * HARD_STOP_FACTOR
+    try:
+        with _hard_stop(limit_ms / 1000):
+            return fn(*args)
+    except _HardStop:
+        raise PolicyFailed(
+            f"policy {name!r} did not {what} within {limit_ms:g} ms and was stopped "
+            f"(its budget is {budget_ms:g} ms)"
+        ) from None
+    except PolicyError:
+        raise  # a setting refused by the policy's own rule: the user's mistake, not its
+    except BaseException as exc:  # noqa: B036 - a policy may not end the daemon
+        log.log(logging.ERROR if loud else logging.DEBUG, "policy %r raised", name, exc_info=True)
+        raise PolicyFailed(
+            f"policy {name!r} raised {type(exc).__name__}: {one_line(str(exc))}"
+        ) from None
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Text a policy supplied, fit for a one-line error or a report."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _charged_ms(before, wall_ms: float) -> float:
@@ -106,7 +130,9 @@ class _hard_stop:
                 signal.signal(signal.SIGALRM, _on_alarm)
                 _handler_installed = True
             _armed = True
-            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+            # again and again until the call returns: a policy that swallows
+            # one stop meets the next
+            signal.setitimer(signal.ITIMER_REAL, self.seconds, self.seconds)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,7 +23,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from .base import SETTING_TYPES, Policy, PolicyError
+from . import guard
+from .base import RESERVED, SETTING_TYPES, Policy, PolicyError, parse_setting
 from .builtin import BUILTIN
 from .guard import DEFAULT_BUDGET_MS
 
@@ -36,6 +37,7 @@ class PolicyEntry:
     name: str
     cls: type
     origin: str  # "builtin", the module it came from, or the entry point
+    defaults: dict  # each setting's value in a fresh instance
 
 
 class PolicyRegistry:
@@ -55,10 +57,30 @@ class PolicyRegistry:
             raise PolicyError(f"{where}: {cls!r} is not a subclass of toolstack.Policy")
         if cls.rule is Policy.rule:
             raise PolicyError(f"{where}: {cls.__name__} does not implement rule()")
-        for key, kind in cls.SETTINGS.items():
+        settings = cls.SETTINGS
+        if not isinstance(settings, dict):
+            raise PolicyError(f"{where}: SETTINGS is not a dict of name: type")
+        for key, kind in settings.items():
+            if not isinstance(key, str) or not key.isidentifier() or key in RESERVED:
+                raise PolicyError(f"{where}: {key!r} cannot be a setting's name")
             if kind not in SETTING_TYPES:
                 raise PolicyError(f"{where}: setting {key!r} is not int, float, str or bool")
-        self.entries[name] = PolicyEntry(name, cls, origin)
+        fresh = self._instance(name, cls, origin)
+        defaults = {}
+        for key, kind in settings.items():
+            if not hasattr(fresh, key):
+                raise PolicyError(f"{where}: a new {cls.__name__} has no {key!r} (its default)")
+            try:
+                defaults[key] = parse_setting(key, kind, getattr(fresh, key))
+            except PolicyError as exc:
+                raise PolicyError(f"{where}: default of {exc}") from None
+        self.entries[name] = PolicyEntry(name, cls, origin, defaults)
+
+    def _instance(self, name: str, cls, origin: str = "") -> Policy:
+        try:
+            return guard.call(name, "start", cls, budget_ms=self.budget_ms, loud=not origin)
+        except guard.PolicyFailed as exc:
+            raise PolicyError(f"{origin + ': ' if origin else ''}{exc}") from None
 
     def load_module(self, spec: str) -> list[str]:
         """Load the policies a module defines; returns their names."""
@@ -77,8 +99,9 @@ class PolicyRegistry:
             origin = f"entry point {ep.name} ({dist})"
             try:
                 cls = ep.load()
-            except Exception as exc:
-                raise PolicyError(f"{origin}: cannot load {ep.value}: {exc}") from None
+            except BaseException as exc:  # noqa: B036 - SystemExit at import too
+                text = guard.one_line(str(exc))
+                raise PolicyError(f"{origin}: cannot load {ep.value}: {text}") from None
             self.add(ep.name, cls, origin)
             names.append(ep.name)
         return names
@@ -88,34 +111,37 @@ class PolicyRegistry:
         entry = self.entries.get(name)
         if entry is None:
             raise PolicyError(f"unknown policy {name!r} (policies: {', '.join(self.entries)})")
-        try:
-            policy = entry.cls()
-        except Exception as exc:
-            raise PolicyError(f"policy {name!r} could not be created: {exc}") from None
+        policy = self._instance(name, entry.cls)
         policy.name = name
         for key, value in (settings or {}).items():
-            policy.set(key, value)
+            set_setting(policy, key, value, self.budget_ms)
         return policy
 
     def describe(self) -> list[dict]:
         """Each policy: name, origin, doc, settings with types and defaults."""
         out = []
         for entry in self.entries.values():
-            fresh = entry.cls()
             doc = (entry.cls.__doc__ or "").strip().splitlines()
             out.append(
                 {
                     "name": entry.name,
                     "origin": entry.origin,
-                    "doc": doc[0] if doc else "",
+                    "doc": guard.one_line(doc[0]) if doc else "",
                     "settings": [
-                        {"name": key, "type": SETTING_TYPES[kind], "default": getattr(fresh, key)}
-                        for key, kind in entry.cls.SETTINGS.items()
+                        {"name": key, "type": SETTING_TYPES[kind], "default": default}
+                        for (key, kind), default in zip(
+                            entry.cls.SETTINGS.items(), entry.defaults.values(), strict=True
+                        )
                     ],
                     "budget_ms": self.budget_ms,
                 }
             )
         return out
+
+
+def set_setting(policy: Policy, key: str, value, budget_ms: float) -> None:
+    """policy.set(key, value) under the budget (it runs the policy's own check)."""
+    guard.call(policy.name, f"take {key}", policy.set, key, value, budget_ms=budget_ms)
 
 
 def _import(spec: str):
@@ -126,15 +152,18 @@ def _import(spec: str):
         return importlib.import_module(spec)
     except PolicyError:
         raise
-    except Exception as exc:
-        raise PolicyError(f"--policy-module {spec}: {type(exc).__name__}: {exc}") from None
+    except BaseException as exc:  # noqa: B036 - SystemExit at import is a broken module too
+        text = guard.one_line(str(exc))
+        raise PolicyError(f"--policy-module {spec}: {type(exc).__name__}: {text}") from None
 
 
 def _import_file(spec: str):
     path = os.path.abspath(spec)
     if not os.path.isfile(path):
         raise PolicyError(f"--policy-module {spec}: no such file")
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem, ext = os.path.splitext(os.path.basename(path))
+    if ext != ".py":
+        raise PolicyError(f"--policy-module {spec}: a policy file's name ends in .py")
     name = "ferry_policy_" + re.sub(r"\W", "_", stem)
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
