@@ -8,7 +8,7 @@ blocks for it and returns its value (raising on an error reply)."""
 from __future__ import annotations
 
 from protocol._gen_helper_msgs import *  # noqa: F403
-from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress
+from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress, PostcopyTransition, PostcopyProgress
 
 
 class ToolstackStubs:
@@ -30,7 +30,7 @@ class ToolstackStubs:
         return self.channel.call(Suspend())
 
     def postcopy(self) -> bool:
-        """Precopy is over: resume the guest at the destination (postcopy)."""
+        """The postcopy transition is written (context, the set, TRANSITION): have the destination run the guest. True once it runs there (push the pages); false when the switch did not happen (end: nothing more may be sent)."""
         return self.channel.call(Postcopy())
 
     def checkpoint(self) -> int:
@@ -65,6 +65,14 @@ class ToolstackStubs:
         """Pages received so far (sent while records arrive, at most every 0.2 s): the restore is alive, and `ferry job` shows it."""
         return self.channel.call(RestoreProgress(pages, octets))
 
+    def postcopy_transition(self) -> bool:
+        """POSTCOPY_TRANSITION arrived and the vCPU context is loaded: run the guest now. True once it runs (serve its faults); false when it must not."""
+        return self.channel.call(PostcopyTransition())
+
+    def postcopy_progress(self, pages: int, done: int, requested: int, octets: int, fault_us: list[int]) -> None:
+        """Postcopy so far, at most every 0.2 s: the set, pages sent (save) or installed (restore), pages the guest faulted on, stream octets, and (restore) the latency of each fault served since the last message."""
+        return self.channel.call(PostcopyProgress(pages, done, requested, octets, fault_us))
+
 
 class AsyncToolstackStubs:
     """Calls from the helper to the toolstack."""
@@ -85,7 +93,7 @@ class AsyncToolstackStubs:
         return await self.channel.call(Suspend())
 
     async def postcopy(self) -> bool:
-        """Precopy is over: resume the guest at the destination (postcopy)."""
+        """The postcopy transition is written (context, the set, TRANSITION): have the destination run the guest. True once it runs there (push the pages); false when the switch did not happen (end: nothing more may be sent)."""
         return await self.channel.call(Postcopy())
 
     async def checkpoint(self) -> int:
@@ -119,3 +127,11 @@ class AsyncToolstackStubs:
     async def restore_progress(self, pages: int, octets: int) -> None:
         """Pages received so far (sent while records arrive, at most every 0.2 s): the restore is alive, and `ferry job` shows it."""
         return await self.channel.call(RestoreProgress(pages, octets))
+
+    async def postcopy_transition(self) -> bool:
+        """POSTCOPY_TRANSITION arrived and the vCPU context is loaded: run the guest now. True once it runs (serve its faults); false when it must not."""
+        return await self.channel.call(PostcopyTransition())
+
+    async def postcopy_progress(self, pages: int, done: int, requested: int, octets: int, fault_us: list[int]) -> None:
+        """Postcopy so far, at most every 0.2 s: the set, pages sent (save) or installed (restore), pages the guest faulted on, stream octets, and (restore) the latency of each fault served since the last message."""
+        return await self.channel.call(PostcopyProgress(pages, done, requested, octets, fault_us))

@@ -40,6 +40,14 @@ def parse_args(argv):
     p.add_argument("--domain", required=True, help="the domain runner's control socket")
     p.add_argument("--live", action="store_true", help="precopy while the guest runs")
     p.add_argument(
+        "--postcopy", action="store_true", help="save: the toolstack may switch to postcopy"
+    )
+    p.add_argument(
+        "--postcopy-resume",
+        action="store_true",
+        help="go on with a postcopy whose link broke (the stream is a resumed one)",
+    )
+    p.add_argument(
         "--stream-offset", type=int, default=0, help="where the libxc stream starts (for errors)"
     )
     return p.parse_args(argv)
@@ -48,17 +56,15 @@ def parse_args(argv):
 def run(args, link: ToolstackLink) -> None:
     with RunnerClient(args.domain) as domain:
         if args.save_domain:
-            job = Saver(domain, link, FdWriter(args.io_fd), live=args.live)
-            try:
-                job.save()
-            finally:
-                job.close()
+            job = Saver(domain, link, FdWriter(args.io_fd), live=args.live, postcopy=args.postcopy)
+            work = job.resume_postcopy if args.postcopy_resume else job.save
         else:
             job = Restorer(domain, link, FdReader(args.io_fd), args.stream_offset)
-            try:
-                job.restore()
-            finally:
-                job.close()
+            work = job.resume_postcopy if args.postcopy_resume else job.restore
+        try:
+            work()
+        finally:
+            job.close()
 
 
 def die_with_toolstack(rpc_fd: int) -> None:

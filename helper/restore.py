@@ -14,11 +14,13 @@ import time
 
 import numpy as np
 
-from hypervisor import RunnerClient
+from hypervisor import RunnerClient, uffd
 from protocol import NEED_DATA, RemoteProtocolError, libxc
-from protocol.limits import PAGE_SIZE
+from protocol.limits import MAX_BATCH_PAGES, PAGE_SIZE
+from protocol.postcopy import ForwardRules
 
-from .fdio import FdReader
+from .fdio import FdReader, FdWriter
+from .postcopy import PostcopyReceiver, lacking_pages, punch_holes, set_bitmap
 from .toolstack_link import ToolstackLink
 
 PROGRESS_INTERVAL = 0.2  # s between restore_progress messages while pages arrive
@@ -38,13 +40,19 @@ class Restorer:
         self.context: bytes | None = None
         self.params: dict[int, int] = {}
         self.last_progress = 0.0  # monotonic s of the last restore_progress
+        self.rules = ForwardRules()  # the stream's order, postcopy's included
+        self.writer = FdWriter(reader.fd)  # postcopy: faults and COMPLETE go back
+        self.uffd: int | None = None
+        self.base = 0
 
     def close(self) -> None:
         self.memory.close()
 
     def restore(self) -> None:
         while True:
+            at = self.decoder.offset
             event = self.next_event()
+            self.rules.event(event, at)
             match event:
                 case libxc.PageData():
                     self.write_pages(event)
@@ -52,6 +60,13 @@ class Restorer:
                 case libxc.Marker(type=libxc.REC_STATIC_DATA_END):
                     self.link.static_data_done(0)
                 case libxc.Marker(type=libxc.REC_END):
+                    break
+                case libxc.Marker(type=libxc.REC_POSTCOPY_BEGIN) | libxc.PfnList():
+                    pass  # the rules keep the set
+                case libxc.Marker(type=libxc.REC_POSTCOPY_PFNS_BEGIN):
+                    self.uffd, self.base = self.domain.register_postcopy()
+                case libxc.Marker(type=libxc.REC_POSTCOPY_TRANSITION):
+                    self.run_postcopy()
                     break
                 case libxc.HvmContext():
                     if self.context is not None:
@@ -65,10 +80,44 @@ class Restorer:
                     raise RemoteProtocolError(
                         f"{event.name} is not supported by this restore", self.decoder.offset
                     )
+        if not self.rules.postcopy:
+            self.load_context()
+        self.link.restore_results(self.pages_written, self.params.get(1, 0), self.params.get(2, 0))
+
+    def load_context(self) -> None:
         if self.context is None:
             raise RemoteProtocolError("the stream ended without an HVM_CONTEXT record")
         self.domain.set_context(self.context)
-        self.link.restore_results(self.pages_written, self.params.get(1, 0), self.params.get(2, 0))
+
+    def run_postcopy(self) -> None:
+        """The transition: pages of the set that precopy had sent are stale and
+        must fault again, the vCPU context goes in, the toolstack runs the
+        guest, then its pages are served until every one is in place."""
+        punch_holes(self.memory.fd, self.rules.pfns[self.written[self.rules.pfns.astype(np.intp)]])
+        # kept by the runner: a helper that replaces this one learns what is still to come
+        self.domain.postcopy_set(set_bitmap(self.rules.pfns, self.memory.pages))
+        self.load_context()
+        if not self.link.postcopy_transition():
+            raise RemoteProtocolError("the toolstack did not run the guest: postcopy cancelled")
+        PostcopyReceiver(self, self.rules, self.uffd, self.base).serve()
+
+    def resume_postcopy(self) -> None:
+        """Recovery: this helper replaces one that died or lost its link.  It
+        wakes every waiting vCPU first (a fault the old helper had read is not
+        delivered again: woken, the vCPU faults anew), tells the source which
+        pages of the set are still holes here, and serves them until done."""
+        self.uffd, self.base = self.domain.register_postcopy()
+        lacking = lacking_pages(self.memory, self.domain.postcopy_pending())
+        uffd.wake(self.uffd, self.base, self.memory.size)
+        for start in range(0, len(lacking), MAX_BATCH_PAGES):
+            self.writer.writev(
+                libxc.encode_pfn_list(lacking[start : start + MAX_BATCH_PAGES], resume=True)
+            )
+        self.writer.writev(libxc.encode_marker(libxc.REC_POSTCOPY_RESUME_END))
+        self.decoder = libxc.LibxcDecoder(max_pfns=self.memory.pages, records_only=True)
+        self.rules = ForwardRules.resumed(lacking)
+        PostcopyReceiver(self, self.rules, self.uffd, self.base).serve()
+        self.link.restore_results(self.pages_written, 0, 0)
 
     def say_progress(self) -> None:
         """Tell the toolstack pages are arriving, at most every PROGRESS_INTERVAL:
@@ -97,8 +146,6 @@ class Restorer:
         for a pfn this restore never wrote is skipped: untouched guest memory
         stays unallocated here too."""
         pfns = event.data_pfns.astype(np.intp)
-        if event.postcopy:
-            raise RemoteProtocolError("POSTCOPY_PAGE_DATA without postcopy", self.decoder.offset)
         words = np.frombuffer(event.data, dtype=np.uint64).reshape(len(pfns), PAGE_SIZE // 8)
         keep = words.any(axis=1) | self.written[pfns]
         self.written[pfns] = True

@@ -30,8 +30,10 @@ from hypervisor import GuestMemory, RunnerClient
 from protocol import libxc
 from protocol._gen_helper_msgs import PrecopyDecision, PrecopyStats
 from protocol.limits import MAX_BATCH_PAGES, PAGE_SIZE
+from protocol.postcopy import ReturnRules
 
 from .fdio import FdWriter
+from .postcopy import PostcopySender, RecordStream, read_resume_list, return_decoder
 from .toolstack_link import LOG_INFO, LOG_WARNING, ToolstackLink
 
 EMPTY_ITERATION_PAUSE = 0.005  # s: let a quiet guest dirty something before asking again
@@ -59,11 +61,19 @@ class Progress:
 
 
 class Saver:
-    def __init__(self, domain: RunnerClient, link: ToolstackLink, writer: FdWriter, live: bool):
+    def __init__(
+        self,
+        domain: RunnerClient,
+        link: ToolstackLink,
+        writer: FdWriter,
+        live: bool,
+        postcopy: bool = False,
+    ):
         self.domain = domain
         self.link = link
         self.writer = writer
         self.live = live
+        self.postcopy = postcopy  # this migration may switch to postcopy
         self.memory: GuestMemory = domain.map_guest_memory()
         self.pages = self.memory.pages
         self.progress = Progress()
@@ -81,17 +91,21 @@ class Saver:
     # -- the algorithm --------------------------------------------------------
     def save(self) -> None:
         self.write_headers()
+        postcopy_set = None
         if self.live:
             self.enable_logdirty()
             try:
-                self.send_memory_live()
+                postcopy_set = self.send_memory_live()
             except BaseException:
                 self.disable_logdirty()
                 raise
         else:
             self.suspend_domain()
             self.send_pages(np.arange(self.pages, dtype=np.uint64), sweep=True)
-        self.send_context()
+        if postcopy_set is not None:
+            self.send_postcopy(postcopy_set)
+        else:
+            self.send_context()
         self.writer.writev(libxc.encode_marker(libxc.REC_END))
 
     def write_headers(self) -> None:
@@ -108,18 +122,24 @@ class Saver:
         except Exception as exc:  # the domain may be gone; say so, keep the first error
             self.link.say(LOG_WARNING, "save", f"could not switch log-dirty off: {exc}")
 
-    def send_memory_live(self) -> None:
-        """Precopy iterations until the policy says stop (or gives up)."""
+    def send_memory_live(self) -> np.ndarray | None:
+        """Precopy iterations until the policy says stop (or gives up).
+        Returns the postcopy set when it said POSTCOPY, else None."""
         to_send = np.arange(self.pages, dtype=np.uint64)
         while True:
             decision, unsent = self.send_dirty_pages(to_send)
             if decision == PrecopyDecision.STOP_AND_COPY:
                 self.suspend_and_send_dirty(unsent)
-                return
+                return None
             if decision == PrecopyDecision.ABORT:
                 raise SaveAborted("the toolstack's policy aborted the migration")
             if decision == PrecopyDecision.POSTCOPY:
-                raise SaveAborted("postcopy was requested but this helper does not support it")
+                if not self.postcopy:
+                    raise SaveAborted(
+                        "the policy answered POSTCOPY, but this migration may not switch to "
+                        "postcopy (migrate --postcopy)"
+                    )
+                return self.suspend_for_postcopy(unsent)
             # the iteration is complete: the next one sends what it dirtied
             to_send, count = self.dirty_pfns()
             self.progress.iteration += 1
@@ -173,6 +193,46 @@ class Saver:
         self._extents = None
         self.send_pages(final, sweep=first_pass_unfinished)
         self.disable_logdirty()
+
+    def suspend_for_postcopy(self, unsent: np.ndarray) -> np.ndarray:
+        """Postcopy: pause the guest; the pages still to send are the ones it
+        dirtied and the ones this iteration had not reached (in the first pass,
+        only those that hold data: a hole stays a zero page at the destination)."""
+        self.suspend_domain()
+        dirty, _count = self.dirty_pfns()
+        self.disable_logdirty()
+        if self.progress.iteration == 0 and len(unsent):
+            unsent = unsent[holds_data(unsent, self.memory.data_extents())]
+        pfns = np.union1d(dirty, unsent).astype(np.uint64)
+        self.link.say(
+            LOG_INFO, "save", f"postcopy: {len(pfns)} pages will follow the guest to its new host"
+        )
+        return pfns
+
+    def send_postcopy(self, pfns: np.ndarray) -> None:
+        """Otto's transition (context, then the set, then TRANSITION), the switch
+        (the toolstack has the destination run the guest), then the pages."""
+        self.writer.writev(libxc.encode_marker(libxc.REC_POSTCOPY_BEGIN))
+        self.send_context()
+        self.writer.writev(libxc.encode_marker(libxc.REC_POSTCOPY_PFNS_BEGIN))
+        for start in range(0, len(pfns), MAX_BATCH_PAGES):
+            self.writer.writev(libxc.encode_pfn_list(pfns[start : start + MAX_BATCH_PAGES]))
+        self.writer.writev(libxc.encode_marker(libxc.REC_POSTCOPY_TRANSITION))
+        if not self.link.postcopy():
+            raise SaveAborted("the destination did not take the guest over: postcopy cancelled")
+        PostcopySender(self, pfns).run()
+
+    def resume_postcopy(self) -> None:
+        """Recovery: a postcopy whose link broke goes on over this one.  The
+        guest is long paused here; the destination says which pages it still
+        lacks, and gets those, each once, requested ones first."""
+        self.stream_start_ns = time.monotonic_ns()
+        rules = ReturnRules(resumed=True)
+        incoming = RecordStream(self.writer.fd, return_decoder(self.pages))
+        lacking = read_resume_list(incoming, rules)
+        self.link.say(LOG_INFO, "save", f"postcopy resumed: {len(lacking)} pages still to send")
+        PostcopySender(self, lacking, incoming, rules).run()
+        self.writer.writev(libxc.encode_marker(libxc.REC_END))
 
     def suspend_domain(self) -> None:
         if not self.link.suspend():
@@ -290,3 +350,11 @@ class Saver:
         bitmap = np.unpackbits(np.frombuffer(log.bitmap, np.uint8), bitorder="little")
         pfns = np.flatnonzero(bitmap[: self.pages]).astype(np.uint64)
         return pfns, log.count
+
+
+def holds_data(pfns: np.ndarray, extents: list[tuple[int, int]]) -> np.ndarray:
+    """A mask of the `pfns` inside the memfd's data extents (not holes)."""
+    mask = np.zeros(len(pfns), bool)
+    for first, end in extents:
+        mask |= (pfns >= first) & (pfns < end)
+    return mask

@@ -8,7 +8,7 @@ pass decoded calls to `dispatch()`; it returns the reply value."""
 from __future__ import annotations
 
 from protocol._gen_runner_msgs import *  # noqa: F403
-from protocol._gen_runner_msgs import Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck
+from protocol._gen_runner_msgs import Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck, PostcopyRegister, PostcopyDone, PostcopySet, PostcopyPending
 
 
 class RunnerHandlers:
@@ -66,6 +66,22 @@ class RunnerHandlers:
         """Ask the guest to verify its pages; answers 'ok' or what failed."""
         raise NotImplementedError("guest_check")
 
+    def on_postcopy_register(self) -> int:
+        """Postcopy: create a userfaultfd over guest RAM's mapping (an incoming domain's; later calls hand out the same one, for a resumed postcopy; the runner keeps its own fd for the domain's life). The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
+        raise NotImplementedError("postcopy_register")
+
+    def on_postcopy_done(self) -> None:
+        """Postcopy: every page is in place; the guest's accesses need no care any more."""
+        raise NotImplementedError("postcopy_done")
+
+    def on_postcopy_set(self, bitmap: bytes) -> None:
+        """Postcopy: the pages still to come (a bitmap, bit p for page p), kept here for as long as postcopy lasts: a restore helper that replaces a dead one asks for them."""
+        raise NotImplementedError("postcopy_set")
+
+    def on_postcopy_pending(self) -> bytes:
+        """Postcopy: the bitmap given to postcopy_set (empty once postcopy_done)."""
+        raise NotImplementedError("postcopy_pending")
+
     def dispatch(self, message):
         return self._ROUTES[type(message)](self, message)
 
@@ -83,4 +99,8 @@ class RunnerHandlers:
         Digest: lambda h, m: h.on_digest(),
         Destroy: lambda h, m: h.on_destroy(),
         GuestCheck: lambda h, m: h.on_guest_check(),
+        PostcopyRegister: lambda h, m: h.on_postcopy_register(),
+        PostcopyDone: lambda h, m: h.on_postcopy_done(),
+        PostcopySet: lambda h, m: h.on_postcopy_set(m.bitmap),
+        PostcopyPending: lambda h, m: h.on_postcopy_pending(),
     }

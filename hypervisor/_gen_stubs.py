@@ -8,7 +8,7 @@ blocks for it and returns its value (raising on an error reply)."""
 from __future__ import annotations
 
 from protocol._gen_runner_msgs import *  # noqa: F403
-from protocol._gen_runner_msgs import Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck
+from protocol._gen_runner_msgs import Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck, PostcopyRegister, PostcopyDone, PostcopySet, PostcopyPending
 
 
 class RunnerStubs:
@@ -69,6 +69,22 @@ class RunnerStubs:
         """Ask the guest to verify its pages; answers 'ok' or what failed."""
         return self.channel.call(GuestCheck())
 
+    def postcopy_register(self) -> int:
+        """Postcopy: create a userfaultfd over guest RAM's mapping (an incoming domain's; later calls hand out the same one, for a resumed postcopy; the runner keeps its own fd for the domain's life). The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
+        return self.channel.call(PostcopyRegister())
+
+    def postcopy_done(self) -> None:
+        """Postcopy: every page is in place; the guest's accesses need no care any more."""
+        return self.channel.call(PostcopyDone())
+
+    def postcopy_set(self, bitmap: bytes) -> None:
+        """Postcopy: the pages still to come (a bitmap, bit p for page p), kept here for as long as postcopy lasts: a restore helper that replaces a dead one asks for them."""
+        return self.channel.call(PostcopySet(bitmap))
+
+    def postcopy_pending(self) -> bytes:
+        """Postcopy: the bitmap given to postcopy_set (empty once postcopy_done)."""
+        return self.channel.call(PostcopyPending())
+
 
 class AsyncRunnerStubs:
     """Calls from the client to the runner."""
@@ -127,3 +143,19 @@ class AsyncRunnerStubs:
     async def guest_check(self) -> str:
         """Ask the guest to verify its pages; answers 'ok' or what failed."""
         return await self.channel.call(GuestCheck())
+
+    async def postcopy_register(self) -> int:
+        """Postcopy: create a userfaultfd over guest RAM's mapping (an incoming domain's; later calls hand out the same one, for a resumed postcopy; the runner keeps its own fd for the domain's life). The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
+        return await self.channel.call(PostcopyRegister())
+
+    async def postcopy_done(self) -> None:
+        """Postcopy: every page is in place; the guest's accesses need no care any more."""
+        return await self.channel.call(PostcopyDone())
+
+    async def postcopy_set(self, bitmap: bytes) -> None:
+        """Postcopy: the pages still to come (a bitmap, bit p for page p), kept here for as long as postcopy lasts: a restore helper that replaces a dead one asks for them."""
+        return await self.channel.call(PostcopySet(bitmap))
+
+    async def postcopy_pending(self) -> bytes:
+        """Postcopy: the bitmap given to postcopy_set (empty once postcopy_done)."""
+        return await self.channel.call(PostcopyPending())

@@ -35,6 +35,11 @@ class RunnerClient(RunnerStubs):
         fd = self.channel.take_fd()
         return GuestMemory(pages, fd=fd, writable=writable)
 
+    def register_postcopy(self) -> tuple[int, int]:
+        """Postcopy: (the domain's userfaultfd, the address of guest RAM in the runner)."""
+        address = self.postcopy_register()
+        return self.channel.take_fd(), address
+
     def close(self) -> None:
         self.channel.close()
 

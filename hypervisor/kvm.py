@@ -180,6 +180,7 @@ class KvmGuest:
         self._context = {"regs": regs, "sregs": sregs}
 
     def writes(self) -> int:
+        self.memory.ensure_present([0])  # the mailbox page may still be on its way
         return struct.unpack_from("<I", self.memory.map, OFF_WRITES)[0]
 
     def guest_check(self) -> str:

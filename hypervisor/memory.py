@@ -15,6 +15,8 @@ import numpy as np
 
 from protocol.limits import PAGE_SIZE
 
+from . import uffd
+
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
 
 
@@ -35,6 +37,17 @@ class GuestMemory:
         self.view = memoryview(self.map)
         self.bytes = np.frombuffer(self.map, dtype=np.uint8).reshape(pages, PAGE_SIZE)
         self.words = np.frombuffer(self.map, dtype="<u8").reshape(pages, PAGE_SIZE // 8)
+        self.address = self.bytes.ctypes.data  # where the mapping is (numpy's view pins it)
+        # Postcopy: pages may be missing (a userfaultfd serves them).  Code that
+        # reads or writes guest RAM through numpy holds the GIL and would freeze
+        # this whole process on a missing page, so it calls ensure_present first.
+        self.pages_pending = False
+
+    def ensure_present(self, pfns) -> None:
+        """Wait, without the GIL, for pages that may not have arrived yet."""
+        if self.pages_pending:
+            for pfn in pfns:
+                uffd.touch(self.address + int(pfn) * PAGE_SIZE)
 
     def populate(self, offset: int, length: int) -> None:
         """Map a range of allocated pages in one call (MADV_POPULATE_READ)

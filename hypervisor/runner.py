@@ -26,6 +26,7 @@ from protocol import _gen_runner_msgs as msgs
 from protocol._gen_runner_msgs import DomainInfo, DomainState, Workload
 from protocol.limits import PAGE_SIZE
 
+from . import uffd
 from ._gen_dispatch import RunnerHandlers
 from .backend import BackendError
 from .channel import ChannelClosed, SyncChannel
@@ -47,6 +48,8 @@ class Runner(RunnerHandlers):
         self.logdirty_on = False
         self.guest_check_result = ""
         self.clients = 0
+        self.uffd: int | None = None  # postcopy: kept for the domain's whole life
+        self.postcopy_set = b""  # postcopy: the pages still to come, for a new helper
         self.ever_connected = threading.Event()
         self.finished = threading.Event()
         self.state_lock = threading.Lock()  # serialises state changes between clients
@@ -116,11 +119,47 @@ class Runner(RunnerHandlers):
 
     def on_digest(self) -> str:
         self._require_stopped("digest")
+        self._require_all_pages("digest")
         return self.memory.digest()
 
     def on_guest_check(self) -> str:
+        self._require_all_pages("guest_check")
         self.guest_check_result = self.backend.guest_check()
         return self.guest_check_result
+
+    def on_postcopy_register(self) -> int:
+        with self.state_lock:
+            if self.uffd is None:
+                if self.state != DomainState.INCOMING:
+                    raise BackendError("postcopy_register needs an incoming domain")
+                self.uffd = uffd.create()
+                uffd.register(self.uffd, self.memory.address, self.memory.size)
+                self.memory.pages_pending = True
+        return self.memory.address  # the fd travels with the reply (passes_fd)
+
+    def on_postcopy_set(self, bitmap: bytes) -> None:
+        if len(bitmap) != -(-self.memory.pages // 8):
+            raise BackendError(
+                f"a postcopy set of {len(bitmap)} octets for {self.memory.pages} pages"
+            )
+        self.postcopy_set = bitmap
+
+    def on_postcopy_pending(self) -> bytes:
+        return self.postcopy_set if self.memory.pages_pending else b""
+
+    def on_postcopy_done(self) -> None:
+        """Every page of the set is in place.  The range is unregistered: a page
+        outside the set the guest has never touched faults to the kernel now
+        (a zero page), not to a helper that has stopped listening."""
+        with self.state_lock:
+            if self.uffd is not None and self.memory.pages_pending:
+                uffd.unregister(self.uffd, self.memory.address, self.memory.size)
+            self.memory.pages_pending = False
+            self.postcopy_set = b""
+
+    def _require_all_pages(self, what: str) -> None:
+        if self.memory.pages_pending:
+            raise BackendError(f"{what} needs every page; postcopy is still bringing them")
 
     def on_destroy(self) -> None:
         pass  # the runner ends once the reply is out (see _answer)
@@ -159,9 +198,12 @@ class Runner(RunnerHandlers):
             channel.send(channel.conn.send_error(str(exc)))
             return
         reply = channel.conn.send_reply(value)
-        channel.send(reply, [self.memory.fd] if message.SPEC.passes_fd else None)
+        channel.send(reply, [self._fd_for(message)] if message.SPEC.passes_fd else None)
         if isinstance(message, msgs.Destroy):
             self.finished.set()
+
+    def _fd_for(self, message) -> int:
+        return self.uffd if isinstance(message, msgs.PostcopyRegister) else self.memory.fd
 
     def _client_left(self) -> None:
         with self.state_lock:
@@ -188,6 +230,10 @@ class Runner(RunnerHandlers):
             threading.Thread(target=self.serve_client, args=(sock,), daemon=True).start()
 
     def shutdown(self) -> None:
+        if self.memory.pages_pending:
+            # A guest thread may be waiting in the kernel for a page that will not
+            # come now: stopping it would wait forever.  Leaving ends it.
+            os._exit(0)
         self.backend.close()
         self.state = DomainState.DEAD
 

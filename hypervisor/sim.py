@@ -108,6 +108,9 @@ class SimGuest:
     def _write(self, count: int) -> None:
         pages = sequence(self.workload, self.pages, self._writes, self._writes + count)
         unique, counts = np.unique(pages, return_counts=True)
+        # Postcopy: wait for missing pages here, without the GIL and outside the
+        # lock, so that a page still on its way freezes only this thread.
+        self.memory.ensure_present(unique)
         with self.lock:
             if not self._running.is_set():
                 return

@@ -80,7 +80,7 @@ class DomainInfo:
     """One domain as `ferry list --json` and `ferry create --json` show it."""
 
     name: str  # domain name
-    state: str  # running, paused, incoming (being built by a restore or an incoming migration), in-doubt (a migration's outcome is not known yet: see `ferry migrate-resolve`), or unreachable (its runner does not answer)
+    state: str  # running, paused, incoming (being built by a restore or an incoming migration), in-doubt (a migration's outcome is not known yet: see `ferry migrate-resolve`), postcopy-paused (a postcopy migration lost its link: `ferry migrate --resume`), postcopy-inconsistent (a postcopy migration ended without all pages on either host: kept for inspection), or unreachable (its runner does not answer)
     backend: str  # sim or kvm
     memory_bytes: int  # guest RAM in octets
     writes: int | None = None  # page writes the guest has made (its progress counter); null when unreachable
@@ -182,7 +182,7 @@ class JobReport:
 
     kind: str  # save, restore, migrate or migrate-receive
     domain: str  # the domain's name
-    phase: str  # starting, connecting, precopy, stop-and-copy, waiting for destination, restoring, waiting for go, completed, failed or cancelled
+    phase: str  # starting, connecting, precopy, stop-and-copy, waiting for destination, restoring, waiting for go, postcopy, postcopy-paused, completed, failed or cancelled
     running: bool  # the job has not ended yet
     iteration: int  # the current precopy pass (0: the first, over all RAM)
     elapsed_ms: float  # time since the job started (until it ended)
@@ -213,6 +213,7 @@ class JobReport:
     source_digest: str | None = None  # migrate --verify: SHA-256 of the suspended source's RAM
     destination_digest: str | None = None  # migrate --verify: SHA-256 of the destination's RAM before it ran
     verify_ms: float | None = None  # migrate --verify: time the digests took (excluded from downtime_ms)
+    postcopy: PostcopyReport | None = None  # a migration that switched to postcopy: how its last pages followed the guest
 
     def to_wire(self):
         return _enc_JobReport(self)
@@ -223,11 +224,11 @@ class JobReport:
 
 
 def _enc_JobReport(value):
-    return {"kind": value.kind, "domain": value.domain, "phase": value.phase, "running": value.running, "iteration": value.iteration, "elapsed_ms": value.elapsed_ms, "memory_total_bytes": value.memory_total_bytes, "memory_processed_bytes": value.memory_processed_bytes, "memory_remaining_bytes": value.memory_remaining_bytes, "pages_sent": value.pages_sent, "bytes_sent": value.bytes_sent, "dirty_rate_pages_s": value.dirty_rate_pages_s, "bandwidth_mb_s": value.bandwidth_mb_s, "expected_downtime_ms": value.expected_downtime_ms, "downtime_ms": value.downtime_ms, "stream_ms": value.stream_ms, "iterations": [_enc_Iteration(item0) for item0 in value.iterations], "policy": value.policy, "settings": dict(value.settings), "policy_rpcs": value.policy_rpcs, "policy_rpc_p50_us": value.policy_rpc_p50_us, "policy_rpc_p99_us": value.policy_rpc_p99_us, "policy_wait_p50_us": value.policy_wait_p50_us, "policy_wait_p99_us": value.policy_wait_p99_us, "policy_share_of_precopy": value.policy_share_of_precopy, "helper_peak_rss_bytes": value.helper_peak_rss_bytes, "decision": value.decision, "error": value.error, "peer": value.peer, "integrity": value.integrity, "source_digest": value.source_digest, "destination_digest": value.destination_digest, "verify_ms": value.verify_ms}
+    return {"kind": value.kind, "domain": value.domain, "phase": value.phase, "running": value.running, "iteration": value.iteration, "elapsed_ms": value.elapsed_ms, "memory_total_bytes": value.memory_total_bytes, "memory_processed_bytes": value.memory_processed_bytes, "memory_remaining_bytes": value.memory_remaining_bytes, "pages_sent": value.pages_sent, "bytes_sent": value.bytes_sent, "dirty_rate_pages_s": value.dirty_rate_pages_s, "bandwidth_mb_s": value.bandwidth_mb_s, "expected_downtime_ms": value.expected_downtime_ms, "downtime_ms": value.downtime_ms, "stream_ms": value.stream_ms, "iterations": [_enc_Iteration(item0) for item0 in value.iterations], "policy": value.policy, "settings": dict(value.settings), "policy_rpcs": value.policy_rpcs, "policy_rpc_p50_us": value.policy_rpc_p50_us, "policy_rpc_p99_us": value.policy_rpc_p99_us, "policy_wait_p50_us": value.policy_wait_p50_us, "policy_wait_p99_us": value.policy_wait_p99_us, "policy_share_of_precopy": value.policy_share_of_precopy, "helper_peak_rss_bytes": value.helper_peak_rss_bytes, "decision": value.decision, "error": value.error, "peer": value.peer, "integrity": value.integrity, "source_digest": value.source_digest, "destination_digest": value.destination_digest, "verify_ms": value.verify_ms, "postcopy": (None if value.postcopy is None else _enc_PostcopyReport(value.postcopy))}
 
 
 def _dec_JobReport(value, where):
-    check_fields(value, where, frozenset(('kind', 'domain', 'phase', 'running', 'iteration', 'elapsed_ms', 'memory_total_bytes', 'memory_processed_bytes', 'memory_remaining_bytes', 'pages_sent', 'bytes_sent', 'dirty_rate_pages_s', 'bandwidth_mb_s', 'expected_downtime_ms', 'downtime_ms', 'stream_ms', 'iterations', 'policy', 'settings', 'policy_rpcs', 'policy_rpc_p50_us', 'policy_rpc_p99_us', 'policy_wait_p50_us', 'policy_wait_p99_us', 'policy_share_of_precopy', 'helper_peak_rss_bytes', 'decision', 'error', 'peer', 'integrity', 'source_digest', 'destination_digest', 'verify_ms',)), ('kind', 'domain', 'phase', 'running', 'iteration', 'elapsed_ms', 'memory_total_bytes', 'memory_processed_bytes', 'pages_sent', 'bytes_sent',))
+    check_fields(value, where, frozenset(('kind', 'domain', 'phase', 'running', 'iteration', 'elapsed_ms', 'memory_total_bytes', 'memory_processed_bytes', 'memory_remaining_bytes', 'pages_sent', 'bytes_sent', 'dirty_rate_pages_s', 'bandwidth_mb_s', 'expected_downtime_ms', 'downtime_ms', 'stream_ms', 'iterations', 'policy', 'settings', 'policy_rpcs', 'policy_rpc_p50_us', 'policy_rpc_p99_us', 'policy_wait_p50_us', 'policy_wait_p99_us', 'policy_share_of_precopy', 'helper_peak_rss_bytes', 'decision', 'error', 'peer', 'integrity', 'source_digest', 'destination_digest', 'verify_ms', 'postcopy',)), ('kind', 'domain', 'phase', 'running', 'iteration', 'elapsed_ms', 'memory_total_bytes', 'memory_processed_bytes', 'pages_sent', 'bytes_sent',))
     return JobReport(
         kind=check_str(value["kind"], where + ".kind"),
         domain=check_str(value["domain"], where + ".domain"),
@@ -262,6 +263,46 @@ def _dec_JobReport(value, where):
         source_digest=((None if value["source_digest"] is None else check_str(value["source_digest"], where + ".source_digest")) if "source_digest" in value else None),
         destination_digest=((None if value["destination_digest"] is None else check_str(value["destination_digest"], where + ".destination_digest")) if "destination_digest" in value else None),
         verify_ms=((None if value["verify_ms"] is None else check_float(value["verify_ms"], where + ".verify_ms")) if "verify_ms" in value else None),
+        postcopy=((None if value["postcopy"] is None else _dec_PostcopyReport(value["postcopy"], where + ".postcopy")) if "postcopy" in value else None),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PostcopyReport:
+    """Postcopy: the guest ran at the destination while these pages followed it."""
+
+    pages: int  # pages in the postcopy set (not yet sent, or dirtied since)
+    pushed: int  # pages sent in the background
+    requested: int  # pages the guest faulted on and the destination asked for (QEMU's postcopy-requests)
+    fault_p50_us: float | None = None  # median time from a fault read at the destination to its page in place
+    fault_p99_us: float | None = None  # 99th percentile of that time
+    fault_histogram: list[int] = field(default_factory=list)  # faults by that time in power-of-two microsecond buckets: bucket i counts [2^i, 2^(i+1)) us (bucket 0 from 0), the last bucket everything above
+    ms: float | None = None  # from the switch (the guest running at the destination) until every page was there
+    bytes: int  # postcopy stream octets (page data) sent or received
+
+    def to_wire(self):
+        return _enc_PostcopyReport(self)
+
+    @classmethod
+    def from_wire(cls, value, where: str = "PostcopyReport"):
+        return _dec_PostcopyReport(value, where)
+
+
+def _enc_PostcopyReport(value):
+    return {"pages": value.pages, "pushed": value.pushed, "requested": value.requested, "fault_p50_us": value.fault_p50_us, "fault_p99_us": value.fault_p99_us, "fault_histogram": list(value.fault_histogram), "ms": value.ms, "bytes": value.bytes}
+
+
+def _dec_PostcopyReport(value, where):
+    check_fields(value, where, frozenset(('pages', 'pushed', 'requested', 'fault_p50_us', 'fault_p99_us', 'fault_histogram', 'ms', 'bytes',)), ('pages', 'pushed', 'requested', 'bytes',))
+    return PostcopyReport(
+        pages=check_int(value["pages"], where + ".pages", 0, 18446744073709551615),
+        pushed=check_int(value["pushed"], where + ".pushed", 0, 18446744073709551615),
+        requested=check_int(value["requested"], where + ".requested", 0, 18446744073709551615),
+        fault_p50_us=((None if value["fault_p50_us"] is None else check_float(value["fault_p50_us"], where + ".fault_p50_us")) if "fault_p50_us" in value else None),
+        fault_p99_us=((None if value["fault_p99_us"] is None else check_float(value["fault_p99_us"], where + ".fault_p99_us")) if "fault_p99_us" in value else None),
+        fault_histogram=([check_int(item0, where + ".fault_histogram" + f"[{i0}]", 0, 18446744073709551615) for i0, item0 in enumerate(check_list(value["fault_histogram"], where + ".fault_histogram"))] if "fault_histogram" in value else []),
+        ms=((None if value["ms"] is None else check_float(value["ms"], where + ".ms")) if "ms" in value else None),
+        bytes=check_int(value["bytes"], where + ".bytes", 0, 18446744073709551615),
     )
 
 
@@ -419,12 +460,13 @@ class DemoReport:
     policy_wait_p50_us: float | None = None  # median time the helper was blocked on an answer
     policy_wait_p99_us: float | None = None  # 99th percentile of that wait
     throughput_mb_s: float | None = None  # bytes_sent over the whole job, MB/s
-    integrity: str  # ok: the source's RAM digest at suspend equals the destination's before unpause; else mismatch
+    integrity: str  # ok: the source's RAM digest at suspend equals the destination's before unpause; else mismatch; 'unchecked (postcopy)' when the guest ran before its RAM was whole
     decision: str  # why the policy stopped precopy
     source_gone: bool  # the source no longer lists the domain
     destination_state: str  # the domain's state at the destination afterwards
     destination_writes_advancing: bool  # the guest kept writing at the destination
     guest_check: str  # the guest's own check of its pages at the destination
+    postcopy: PostcopyReport | None = None  # when the migration switched to postcopy
 
     def to_wire(self):
         return _enc_DemoReport(self)
@@ -435,11 +477,11 @@ class DemoReport:
 
 
 def _enc_DemoReport(value):
-    return {"backend": value.backend, "memory_bytes": value.memory_bytes, "policy": value.policy, "settings": dict(value.settings), "iterations": [_enc_Iteration(item0) for item0 in value.iterations], "pages_sent": value.pages_sent, "bytes_sent": value.bytes_sent, "total_ms": value.total_ms, "downtime_ms": value.downtime_ms, "verify_ms": value.verify_ms, "policy_rpcs": value.policy_rpcs, "policy_rpc_p50_us": value.policy_rpc_p50_us, "policy_rpc_p99_us": value.policy_rpc_p99_us, "policy_wait_p50_us": value.policy_wait_p50_us, "policy_wait_p99_us": value.policy_wait_p99_us, "throughput_mb_s": value.throughput_mb_s, "integrity": value.integrity, "decision": value.decision, "source_gone": value.source_gone, "destination_state": value.destination_state, "destination_writes_advancing": value.destination_writes_advancing, "guest_check": value.guest_check}
+    return {"backend": value.backend, "memory_bytes": value.memory_bytes, "policy": value.policy, "settings": dict(value.settings), "iterations": [_enc_Iteration(item0) for item0 in value.iterations], "pages_sent": value.pages_sent, "bytes_sent": value.bytes_sent, "total_ms": value.total_ms, "downtime_ms": value.downtime_ms, "verify_ms": value.verify_ms, "policy_rpcs": value.policy_rpcs, "policy_rpc_p50_us": value.policy_rpc_p50_us, "policy_rpc_p99_us": value.policy_rpc_p99_us, "policy_wait_p50_us": value.policy_wait_p50_us, "policy_wait_p99_us": value.policy_wait_p99_us, "throughput_mb_s": value.throughput_mb_s, "integrity": value.integrity, "decision": value.decision, "source_gone": value.source_gone, "destination_state": value.destination_state, "destination_writes_advancing": value.destination_writes_advancing, "guest_check": value.guest_check, "postcopy": (None if value.postcopy is None else _enc_PostcopyReport(value.postcopy))}
 
 
 def _dec_DemoReport(value, where):
-    check_fields(value, where, frozenset(('backend', 'memory_bytes', 'policy', 'settings', 'iterations', 'pages_sent', 'bytes_sent', 'total_ms', 'downtime_ms', 'verify_ms', 'policy_rpcs', 'policy_rpc_p50_us', 'policy_rpc_p99_us', 'policy_wait_p50_us', 'policy_wait_p99_us', 'throughput_mb_s', 'integrity', 'decision', 'source_gone', 'destination_state', 'destination_writes_advancing', 'guest_check',)), ('backend', 'memory_bytes', 'policy', 'iterations', 'pages_sent', 'bytes_sent', 'total_ms', 'policy_rpcs', 'integrity', 'decision', 'source_gone', 'destination_state', 'destination_writes_advancing', 'guest_check',))
+    check_fields(value, where, frozenset(('backend', 'memory_bytes', 'policy', 'settings', 'iterations', 'pages_sent', 'bytes_sent', 'total_ms', 'downtime_ms', 'verify_ms', 'policy_rpcs', 'policy_rpc_p50_us', 'policy_rpc_p99_us', 'policy_wait_p50_us', 'policy_wait_p99_us', 'throughput_mb_s', 'integrity', 'decision', 'source_gone', 'destination_state', 'destination_writes_advancing', 'guest_check', 'postcopy',)), ('backend', 'memory_bytes', 'policy', 'iterations', 'pages_sent', 'bytes_sent', 'total_ms', 'policy_rpcs', 'integrity', 'decision', 'source_gone', 'destination_state', 'destination_writes_advancing', 'guest_check',))
     return DemoReport(
         backend=check_str(value["backend"], where + ".backend"),
         memory_bytes=check_int(value["memory_bytes"], where + ".memory_bytes", 0, 18446744073709551615),
@@ -463,6 +505,7 @@ def _dec_DemoReport(value, where):
         destination_state=check_str(value["destination_state"], where + ".destination_state"),
         destination_writes_advancing=check_bool(value["destination_writes_advancing"], where + ".destination_writes_advancing"),
         guest_check=check_str(value["guest_check"], where + ".guest_check"),
+        postcopy=((None if value["postcopy"] is None else _dec_PostcopyReport(value["postcopy"], where + ".postcopy")) if "postcopy" in value else None),
     )
 
 
@@ -833,14 +876,17 @@ class Migrate:
     settings: dict[str, int | float | str | bool] = field(default_factory=dict)  # the policy's settings, checked before anything starts
     verify: bool = False  # compare RAM digests of source and destination before the switch
     watch: bool = False  # send progress while the job runs
+    postcopy: bool = False  # the migration may switch to postcopy (job-control postcopy, a policy's POSTCOPY, or postcopy_after_precopy)
+    postcopy_after_precopy: bool = False  # switch to postcopy once the first pass over RAM is done (libvirt's --postcopy-after-precopy)
+    resume: bool = False  # go on with NAME's paused postcopy over a new connection to `address` (virsh's --postcopy-resume); the other arguments are those it started with
     SPEC: ClassVar[MessageSpec]
 
     def to_args(self):
-        return {"name": self.name, "address": self.address, "policy": self.policy, "settings": dict(self.settings), "verify": self.verify, "watch": self.watch}
+        return {"name": self.name, "address": self.address, "policy": self.policy, "settings": dict(self.settings), "verify": self.verify, "watch": self.watch, "postcopy": self.postcopy, "postcopy_after_precopy": self.postcopy_after_precopy, "resume": self.resume}
 
     @classmethod
     def from_args(cls, args):
-        check_fields(args, "migrate", frozenset(('name', 'address', 'policy', 'settings', 'verify', 'watch',)), ('name', 'address',))
+        check_fields(args, "migrate", frozenset(('name', 'address', 'policy', 'settings', 'verify', 'watch', 'postcopy', 'postcopy_after_precopy', 'resume',)), ('name', 'address',))
         return cls(
             name=check_str(args["name"], "migrate" + ".name"),
             address=check_str(args["address"], "migrate" + ".address"),
@@ -848,6 +894,9 @@ class Migrate:
             settings=({key0: check_scalar(item0, "migrate" + ".settings" + '.' + key0) for key0, item0 in check_map(args["settings"], "migrate" + ".settings").items()} if "settings" in args else {}),
             verify=(check_bool(args["verify"], "migrate" + ".verify") if "verify" in args else False),
             watch=(check_bool(args["watch"], "migrate" + ".watch") if "watch" in args else False),
+            postcopy=(check_bool(args["postcopy"], "migrate" + ".postcopy") if "postcopy" in args else False),
+            postcopy_after_precopy=(check_bool(args["postcopy_after_precopy"], "migrate" + ".postcopy_after_precopy") if "postcopy_after_precopy" in args else False),
+            resume=(check_bool(args["resume"], "migrate" + ".resume") if "resume" in args else False),
         )
 
 
@@ -897,7 +946,7 @@ Job.SPEC = MessageSpec(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobControl:
-    """Steer a running job: abort, stop-and-copy, or set a policy setting; answers what was done."""
+    """Steer a running job: abort, stop-and-copy, postcopy (a migration started with postcopy allowed), or set a policy setting; answers what was done."""
 
     name: str
     action: str
@@ -913,7 +962,7 @@ class JobControl:
         check_fields(args, "job_control", frozenset(('name', 'action', 'key', 'value',)), ('name', 'action',))
         return cls(
             name=check_str(args["name"], "job_control" + ".name"),
-            action=check_choice(check_str(args["action"], "job_control" + ".action"), "job_control" + ".action", ('abort', 'stop-and-copy', 'set')),
+            action=check_choice(check_str(args["action"], "job_control" + ".action"), "job_control" + ".action", ('abort', 'stop-and-copy', 'postcopy', 'set')),
             key=(check_str(args["key"], "job_control" + ".key") if "key" in args else ''),
             value=(check_str(args["value"], "job_control" + ".value") if "value" in args else ''),
         )

@@ -205,7 +205,7 @@ Suspend.SPEC = MessageSpec(
 
 @dataclass(frozen=True, slots=True)
 class Postcopy:
-    """Precopy is over: resume the guest at the destination (postcopy)."""
+    """The postcopy transition is written (context, the set, TRANSITION): have the destination run the guest. True once it runs there (push the pages); false when the switch did not happen (end: nothing more may be sent)."""
 
     SPEC: ClassVar[MessageSpec]
 
@@ -488,4 +488,72 @@ RestoreProgress.SPEC = MessageSpec(
 )
 
 
-TABLE = {spec.id: spec for spec in (m.SPEC for m in (Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress,))}
+@dataclass(frozen=True, slots=True)
+class PostcopyTransition:
+    """POSTCOPY_TRANSITION arrived and the vCPU context is loaded: run the guest now. True once it runs (serve its faults); false when it must not."""
+
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return []
+
+    @classmethod
+    def from_args(cls, args):
+        check_list(args, "postcopy_transition", 0)
+        return cls(
+        )
+
+
+def _dec_PostcopyTransition_reply(value, where):
+    return check_bool(value, where)
+
+
+def _enc_PostcopyTransition_reply(value):
+    return value
+
+
+PostcopyTransition.SPEC = MessageSpec(
+    13, 'postcopy_transition', DIRECTION, 'restore', True, False, PostcopyTransition, _dec_PostcopyTransition_reply, _enc_PostcopyTransition_reply
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyProgress:
+    """Postcopy so far, at most every 0.2 s: the set, pages sent (save) or installed (restore), pages the guest faulted on, stream octets, and (restore) the latency of each fault served since the last message."""
+
+    pages: int  # pages in the postcopy set
+    done: int  # pages of the set sent (save) or in place (restore)
+    requested: int  # pages the guest faulted on and the destination asked for
+    octets: int  # postcopy stream octets sent or received
+    fault_us: list[int]  # restore: microseconds from each fault read to its page in place, since the last message
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return [self.pages, self.done, self.requested, self.octets, list(self.fault_us)]
+
+    @classmethod
+    def from_args(cls, args):
+        check_list(args, "postcopy_progress", 5)
+        return cls(
+            check_int(args[0], "postcopy_progress" + ".pages", 0, 18446744073709551615),
+            check_int(args[1], "postcopy_progress" + ".done", 0, 18446744073709551615),
+            check_int(args[2], "postcopy_progress" + ".requested", 0, 18446744073709551615),
+            check_int(args[3], "postcopy_progress" + ".octets", 0, 18446744073709551615),
+            [check_int(item0, "postcopy_progress" + ".fault_us" + f"[{i0}]", 0, 4294967295) for i0, item0 in enumerate(check_list(args[4], "postcopy_progress" + ".fault_us"))],
+        )
+
+
+def _dec_PostcopyProgress_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_PostcopyProgress_reply(value):
+    return None
+
+
+PostcopyProgress.SPEC = MessageSpec(
+    14, 'postcopy_progress', DIRECTION, 'both', False, False, PostcopyProgress, _dec_PostcopyProgress_reply, _enc_PostcopyProgress_reply
+)
+
+
+TABLE = {spec.id: spec for spec in (m.SPEC for m in (Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress, PostcopyTransition, PostcopyProgress,))}

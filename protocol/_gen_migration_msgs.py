@@ -93,8 +93,9 @@ def _dec_Accepted(value, where):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ready:
-    """The receiver holds the guest's state (all of RAM after precopy) and waits for go."""
+    """The receiver holds the guest's state and waits for go: all of RAM after precopy, or (postcopy) the context and the set of pages still to come."""
 
+    postcopy: bool = False  # the stream stopped at POSTCOPY_TRANSITION: after go the raw stream goes on both ways until `finish`
     digest: str = ''  # verify: SHA-256 of the received RAM
     verify_ms: float = 0.0  # verify: how long the digest took
 
@@ -107,12 +108,13 @@ class Ready:
 
 
 def _enc_Ready(value):
-    return {"digest": value.digest, "verify_ms": value.verify_ms}
+    return {"postcopy": value.postcopy, "digest": value.digest, "verify_ms": value.verify_ms}
 
 
 def _dec_Ready(value, where):
-    check_fields(value, where, frozenset(('digest', 'verify_ms',)), ())
+    check_fields(value, where, frozenset(('postcopy', 'digest', 'verify_ms',)), ())
     return Ready(
+        postcopy=(check_bool(value["postcopy"], where + ".postcopy") if "postcopy" in value else False),
         digest=(check_str(value["digest"], where + ".digest", 64) if "digest" in value else ''),
         verify_ms=(check_float(value["verify_ms"], where + ".verify_ms", 0, math.inf) if "verify_ms" in value else 0.0),
     )
@@ -122,7 +124,7 @@ def _dec_Ready(value, where):
 class Location:
     """What the receiver knows of a migration."""
 
-    state: str  # running: the guest runs here (committed); incoming: it is being built and has not run; absent: no such migration here
+    state: str  # running: the guest runs here with all its pages (committed); postcopy: it runs here but pages are still at the source; incoming: it is being built and has not run; absent: no such migration here
 
     def to_wire(self):
         return _enc_Location(self)
@@ -139,7 +141,38 @@ def _enc_Location(value):
 def _dec_Location(value, where):
     check_fields(value, where, frozenset(('state',)), ('state',))
     return Location(
-        state=check_choice(check_str(value["state"], where + ".state"), where + ".state", ('running', 'incoming', 'absent')),
+        state=check_choice(check_str(value["state"], where + ".state"), where + ".state", ('running', 'postcopy', 'incoming', 'absent')),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Finished:
+    """The receiver holds every page (postcopy): what its guest's faults cost."""
+
+    requested: int  # pages the guest faulted on and the receiver asked for
+    fault_histogram: list[int] = field(default_factory=list)  # fault-to-page-in-place times in power-of-two microsecond buckets
+    fault_p50_us: float | None = None  # median fault-to-page-in-place time
+    fault_p99_us: float | None = None  # 99th percentile
+
+    def to_wire(self):
+        return _enc_Finished(self)
+
+    @classmethod
+    def from_wire(cls, value, where: str = "Finished"):
+        return _dec_Finished(value, where)
+
+
+def _enc_Finished(value):
+    return {"requested": value.requested, "fault_histogram": list(value.fault_histogram), "fault_p50_us": value.fault_p50_us, "fault_p99_us": value.fault_p99_us}
+
+
+def _dec_Finished(value, where):
+    check_fields(value, where, frozenset(('requested', 'fault_histogram', 'fault_p50_us', 'fault_p99_us',)), ('requested',))
+    return Finished(
+        requested=check_int(value["requested"], where + ".requested", 0, 18446744073709551615),
+        fault_histogram=([check_int(item0, where + ".fault_histogram" + f"[{i0}]", 0, 18446744073709551615) for i0, item0 in enumerate(check_list(value["fault_histogram"], where + ".fault_histogram"))] if "fault_histogram" in value else []),
+        fault_p50_us=((None if value["fault_p50_us"] is None else check_float(value["fault_p50_us"], where + ".fault_p50_us")) if "fault_p50_us" in value else None),
+        fault_p99_us=((None if value["fault_p99_us"] is None else check_float(value["fault_p99_us"], where + ".fault_p99_us")) if "fault_p99_us" in value else None),
     )
 
 
@@ -214,18 +247,20 @@ class Migrate:
     config: DomainConfig
     migration_id: str  # chosen by the sender, the same in both daemons' journals
     verify: bool = False  # compute the RAM digest before Ready
+    postcopy: bool = False  # the sender may switch to postcopy: refused here when this host cannot serve page faults
     SPEC: ClassVar[MessageSpec]
 
     def to_args(self):
-        return {"config": _enc_DomainConfig(self.config), "migration_id": self.migration_id, "verify": self.verify}
+        return {"config": _enc_DomainConfig(self.config), "migration_id": self.migration_id, "verify": self.verify, "postcopy": self.postcopy}
 
     @classmethod
     def from_args(cls, args):
-        check_fields(args, "migrate", frozenset(('config', 'migration_id', 'verify',)), ('config', 'migration_id',))
+        check_fields(args, "migrate", frozenset(('config', 'migration_id', 'verify', 'postcopy',)), ('config', 'migration_id',))
         return cls(
             config=_dec_DomainConfig(args["config"], "migrate" + ".config"),
             migration_id=check_pattern(check_str(args["migration_id"], "migrate" + ".migration_id"), "migrate" + ".migration_id", _PATTERN_0, 'a migration id is 32 lowercase hex digits'),
             verify=(check_bool(args["verify"], "migrate" + ".verify") if "verify" in args else False),
+            postcopy=(check_bool(args["postcopy"], "migrate" + ".postcopy") if "postcopy" in args else False),
         )
 
 
@@ -333,4 +368,66 @@ Whereabouts.SPEC = MessageSpec(
 )
 
 
-TABLE = {spec.id: spec for spec in (m.SPEC for m in (Hello, Prove, Migrate, Stream, Go, Whereabouts,))}
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Finish:
+    """Postcopy: the sender's stream has ended (after the receiver's POSTCOPY_COMPLETE); the reply is the receiver's account."""
+
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return {}
+
+    @classmethod
+    def from_args(cls, args):
+        check_fields(args, "finish", frozenset(()), ())
+        return cls(
+        )
+
+
+def _dec_Finish_reply(value, where):
+    return _dec_Finished(value, where)
+
+
+def _enc_Finish_reply(value):
+    return _enc_Finished(value)
+
+
+Finish.SPEC = MessageSpec(
+    7, 'finish', DIRECTION, 'any', True, False, Finish, _dec_Finish_reply, _enc_Finish_reply
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resume:
+    """Recovery: go on with the postcopy of migration `migration_id` of `name`, paused here since its link broke. After the reply a resumed stream runs both ways (docs/streams.md), then `finish`."""
+
+    name: str
+    migration_id: str
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return {"name": self.name, "migration_id": self.migration_id}
+
+    @classmethod
+    def from_args(cls, args):
+        check_fields(args, "resume", frozenset(('name', 'migration_id',)), ('name', 'migration_id',))
+        return cls(
+            name=check_str(args["name"], "resume" + ".name"),
+            migration_id=check_pattern(check_str(args["migration_id"], "resume" + ".migration_id"), "resume" + ".migration_id", _PATTERN_0, 'a migration id is 32 lowercase hex digits'),
+        )
+
+
+def _dec_Resume_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_Resume_reply(value):
+    return None
+
+
+Resume.SPEC = MessageSpec(
+    8, 'resume', DIRECTION, 'any', True, False, Resume, _dec_Resume_reply, _enc_Resume_reply
+)
+
+
+TABLE = {spec.id: spec for spec in (m.SPEC for m in (Hello, Prove, Migrate, Stream, Go, Whereabouts, Finish, Resume,))}

@@ -531,4 +531,122 @@ GuestCheck.SPEC = MessageSpec(
 )
 
 
-TABLE = {spec.id: spec for spec in (m.SPEC for m in (Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck,))}
+@dataclass(frozen=True, slots=True)
+class PostcopyRegister:
+    """Postcopy: create a userfaultfd over guest RAM's mapping (an incoming domain's; later calls hand out the same one, for a resumed postcopy; the runner keeps its own fd for the domain's life). The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
+
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return []
+
+    @classmethod
+    def from_args(cls, args):
+        check_list(args, "postcopy_register", 0)
+        return cls(
+        )
+
+
+def _dec_PostcopyRegister_reply(value, where):
+    return check_int(value, where, 0, 18446744073709551615)
+
+
+def _enc_PostcopyRegister_reply(value):
+    return value
+
+
+PostcopyRegister.SPEC = MessageSpec(
+    14, 'postcopy_register', DIRECTION, 'any', True, True, PostcopyRegister, _dec_PostcopyRegister_reply, _enc_PostcopyRegister_reply
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyDone:
+    """Postcopy: every page is in place; the guest's accesses need no care any more."""
+
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return []
+
+    @classmethod
+    def from_args(cls, args):
+        check_list(args, "postcopy_done", 0)
+        return cls(
+        )
+
+
+def _dec_PostcopyDone_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_PostcopyDone_reply(value):
+    return None
+
+
+PostcopyDone.SPEC = MessageSpec(
+    15, 'postcopy_done', DIRECTION, 'any', True, False, PostcopyDone, _dec_PostcopyDone_reply, _enc_PostcopyDone_reply
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopySet:
+    """Postcopy: the pages still to come (a bitmap, bit p for page p), kept here for as long as postcopy lasts: a restore helper that replaces a dead one asks for them."""
+
+    bitmap: bytes
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return [self.bitmap]
+
+    @classmethod
+    def from_args(cls, args):
+        check_list(args, "postcopy_set", 1)
+        return cls(
+            check_bytes(args[0], "postcopy_set" + ".bitmap"),
+        )
+
+
+def _dec_PostcopySet_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_PostcopySet_reply(value):
+    return None
+
+
+PostcopySet.SPEC = MessageSpec(
+    16, 'postcopy_set', DIRECTION, 'any', True, False, PostcopySet, _dec_PostcopySet_reply, _enc_PostcopySet_reply
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyPending:
+    """Postcopy: the bitmap given to postcopy_set (empty once postcopy_done)."""
+
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return []
+
+    @classmethod
+    def from_args(cls, args):
+        check_list(args, "postcopy_pending", 0)
+        return cls(
+        )
+
+
+def _dec_PostcopyPending_reply(value, where):
+    return check_bytes(value, where)
+
+
+def _enc_PostcopyPending_reply(value):
+    return value
+
+
+PostcopyPending.SPEC = MessageSpec(
+    17, 'postcopy_pending', DIRECTION, 'any', True, False, PostcopyPending, _dec_PostcopyPending_reply, _enc_PostcopyPending_reply
+)
+
+
+TABLE = {spec.id: spec for spec in (m.SPEC for m in (Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck, PostcopyRegister, PostcopyDone, PostcopySet, PostcopyPending,))}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from . import libxc, libxl, xl
 from .errors import RemoteProtocolError
 from .framing import NEED_DATA
+from .postcopy import ForwardRules
 
 FORMATS = ("xl", "libxl", "libxc")
 
@@ -53,6 +54,7 @@ class StreamChecker:
         self._pending = bytearray()  # bytes before the format (or xl header) is known
         self._xl_done = fmt != "xl"
         self._decoder = None
+        self.postcopy = ForwardRules()  # a captured postcopy stream follows its order too
         if fmt and fmt != "xl":
             self._start(fmt)
 
@@ -100,9 +102,11 @@ class StreamChecker:
     def _drain(self) -> None:
         decoder = self._decoder
         while not decoder.done:
+            at = decoder.offset
             event = decoder.next_event()
             if event is NEED_DATA:
                 return
+            self.postcopy.event(event, at)
             self._count(event)
             if decoder.done:
                 if isinstance(decoder, libxc.LibxcDecoder):
@@ -135,7 +139,7 @@ class StreamChecker:
             case libxc.HvmParams():
                 s.records["HVM_PARAMS"] += 1
             case libxc.PfnList():
-                s.records["POSTCOPY_FAULT" if event.fault else "POSTCOPY_PFNS"] += 1
+                s.records[libxc.record_name(event.record_type)] += 1
             case libxl.LibxlEnd():
                 s.records["libxl END"] += 1
             case _:  # the headers and LIBXC_CONTEXT: once each, counted by their class

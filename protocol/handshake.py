@@ -12,12 +12,17 @@ the peer's).
     challenged      prove           -                authenticated
     authenticated   migrate         -                accepted
     authenticated   whereabouts     -                closed
+    authenticated   resume          -                postcopy
     accepted        stream          streaming        ready
-    ready           go              -                running
+    ready           go              -                running, or postcopy
+    postcopy        finish          postcopy         closed
 
 In `streaming` the migration stream travels as raw octets after the
 `stream` frame; no frame may come until the receiver has consumed it and
-replies.  An error reply, from any state, ends in `closed`.
+replies.  A `Ready` that says postcopy was sent at the stream's
+POSTCOPY_TRANSITION: after `go` the raw stream goes on, both ways (pages
+one way, faults the other), until the sender's `finish`.  An error reply,
+from any state, ends in `closed`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ ACCEPTED = "accepted"
 STREAMING = "streaming"
 READY = "ready"
 RUNNING = "running"
+POSTCOPY = "postcopy"
 CLOSED = "closed"
 
 # state -> {call: (state while its reply is awaited, state after the reply)}
@@ -46,11 +52,13 @@ TRANSITIONS: dict[str, dict[str, tuple[str, str]]] = {
     AUTHENTICATED: {
         "migrate": (AUTHENTICATED, ACCEPTED),
         "whereabouts": (AUTHENTICATED, CLOSED),
+        "resume": (AUTHENTICATED, POSTCOPY),
     },
     ACCEPTED: {"stream": (STREAMING, READY)},
-    READY: {"go": (READY, RUNNING)},
+    READY: {"go": (READY, RUNNING)},  # POSTCOPY instead after a postcopy Ready
+    POSTCOPY: {"finish": (POSTCOPY, CLOSED)},
 }
-AUTHENTICATED_STATES = (AUTHENTICATED, ACCEPTED, STREAMING, READY, RUNNING)
+AUTHENTICATED_STATES = (AUTHENTICATED, ACCEPTED, STREAMING, READY, RUNNING, POSTCOPY)
 
 SENDER, RECEIVER = "sender", "receiver"
 
@@ -70,6 +78,7 @@ class Handshake:
         self.state = START
         self._pending: str | None = None  # the call whose reply is awaited
         self._after = START  # the state its reply leads to
+        self.postcopy = False  # the receiver's Ready said postcopy
         sends, receives = (msgs.DIRECTION, None) if role == SENDER else (None, msgs.DIRECTION)
         self._rpc = RpcConnection(msgs.TABLE, sends, receives, limits.MAX_HANDSHAKE_FRAME)
 
@@ -91,7 +100,7 @@ class Handshake:
     # -- the receiver's side ---------------------------------------------------
     def send_reply(self, value=None) -> bytes:
         data = self._rpc.send_reply(value)
-        self._leave()
+        self._leave(value)
         return data
 
     def send_error(self, text: str) -> bytes:
@@ -121,7 +130,7 @@ class Handshake:
         elif isinstance(event, ErrorReply):
             self.state, self._pending = CLOSED, None
         else:
-            self._leave()
+            self._leave(event.value)
         return event
 
     def _enter(self, name: str, error: type) -> None:
@@ -134,5 +143,10 @@ class Handshake:
         self._pending = name
         self.state, self._after = allowed[name]
 
-    def _leave(self) -> None:
-        self.state, self._pending = self._after, None
+    def _leave(self, value) -> None:
+        if isinstance(value, msgs.Ready):
+            self.postcopy = value.postcopy
+        after = self._after
+        if after == RUNNING and self.postcopy:
+            after = POSTCOPY
+        self.state, self._pending = after, None

@@ -54,6 +54,10 @@ REC_POSTCOPY_TRANSITION = 0x00FE0003  # empty: the destination may resume the gu
 REC_POSTCOPY_PAGE_DATA = 0x00FE0004  # same layout as PAGE_DATA
 REC_POSTCOPY_FAULT = 0x00FE0005  # destination -> source: count, reserved, pfn u64[count]
 REC_POSTCOPY_COMPLETE = 0x00FE0006  # empty: every postcopy pfn has been sent
+# Recovery (a postcopy whose link broke, resumed over a new one): the
+# destination lists the pfns it still lacks, then ends the list.
+REC_POSTCOPY_RESUME = 0x00FE0007  # destination -> source: count, reserved, pfn u64[count]
+REC_POSTCOPY_RESUME_END = 0x00FE0008  # empty: the list is complete
 
 REC_OPTIONAL = 0x80000000
 
@@ -84,6 +88,8 @@ RECORD_NAMES = {
     REC_POSTCOPY_PAGE_DATA: "POSTCOPY_PAGE_DATA",
     REC_POSTCOPY_FAULT: "POSTCOPY_FAULT",
     REC_POSTCOPY_COMPLETE: "POSTCOPY_COMPLETE",
+    REC_POSTCOPY_RESUME: "POSTCOPY_RESUME",
+    REC_POSTCOPY_RESUME_END: "POSTCOPY_RESUME_END",
 }
 
 # PAGE_DATA pfn entries: type in bits 63-60, reserved 59-52, pfn 51-0.
@@ -164,15 +170,23 @@ class HvmParams:
 
 @dataclass(frozen=True, eq=False)
 class PfnList:
-    """POSTCOPY_PFNS (source -> destination) or POSTCOPY_FAULT (destination -> source)."""
+    """POSTCOPY_PFNS (source -> destination), POSTCOPY_FAULT or POSTCOPY_RESUME
+    (destination -> source)."""
 
     pfns: np.ndarray
     fault: bool = False
+    resume: bool = False
+
+    @property
+    def record_type(self) -> int:
+        if self.resume:
+            return REC_POSTCOPY_RESUME
+        return REC_POSTCOPY_FAULT if self.fault else REC_POSTCOPY_PFNS
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, PfnList)
-            and self.fault == other.fault
+            and self.record_type == other.record_type
             and np.array_equal(self.pfns, other.pfns)
         )
 
@@ -206,6 +220,7 @@ EMPTY_RECORDS = (
     REC_POSTCOPY_PFNS_BEGIN,
     REC_POSTCOPY_TRANSITION,
     REC_POSTCOPY_COMPLETE,
+    REC_POSTCOPY_RESUME_END,
 )
 END = Marker(REC_END)
 
@@ -260,9 +275,9 @@ def page_data_size(pages: int) -> int:
     return records * 16 + pages * (8 + limits.PAGE_SIZE)
 
 
-def encode_pfn_list(pfns, fault: bool = False) -> list:
+def encode_pfn_list(pfns, fault: bool = False, resume: bool = False) -> list:
     pfns = np.asarray(pfns, dtype="<u8")
-    rtype = REC_POSTCOPY_FAULT if fault else REC_POSTCOPY_PFNS
+    rtype = PfnList(pfns, fault, resume).record_type
     return record_buffers(rtype, [PAGE_DATA_HEADER.pack(len(pfns), 0), pfns.tobytes()])
 
 
@@ -298,7 +313,7 @@ def encode(event: Event) -> list:
         case PageData():
             return encode_page_data(event.pfns, [event.data], event.types, event.postcopy)
         case PfnList():
-            return encode_pfn_list(event.pfns, event.fault)
+            return encode_pfn_list(event.pfns, event.fault, event.resume)
         case TscInfo():
             return encode_tsc_info(event)
         case HvmContext():
@@ -315,7 +330,8 @@ class LibxcDecoder:
     """Feed bytes with `feed()` (any chunking), read events with `next_event()`.
 
     `max_pfns` is the domain's page count when known: pfns at or above it are
-    refused.  After END, `next_event()` keeps returning END's marker and
+    refused.  `records_only` starts at the records (no image or domain header:
+    the destination's POSTCOPY_FAULT/COMPLETE records to the source).  After END, `next_event()` keeps returning END's marker and
     `trailing()` hands back whatever was fed past it (the libxl layer's next
     record).  `wanted` says how many more octets the next event needs, so a
     reader sharing its fd with another layer can read exactly that much.
@@ -326,10 +342,12 @@ class LibxcDecoder:
         max_pfns: int | None = None,
         max_record_length: int = limits.MAX_RECORD_LENGTH,
         start_offset: int = 0,
+        records_only: bool = False,
     ) -> None:
         self.max_pfns = limits.MAX_PFN + 1 if max_pfns is None else max_pfns
         self._reader = RecordReader(max_record_length, start_offset)
-        self._state = "image-header"
+        # records_only: the postcopy return direction, records without headers
+        self._state = "records" if records_only else "image-header"
         self._seen_static_end = False
         self._seen_pages = False
         self.version = IHDR_VERSION
@@ -427,8 +445,9 @@ class LibxcDecoder:
                 raise RemoteProtocolError("PAGE_DATA before STATIC_DATA_END", at)
             self._seen_pages = True
             return self._page_data(rtype, body, at)
-        if rtype in (REC_POSTCOPY_PFNS, REC_POSTCOPY_FAULT):
-            return PfnList(self._pfn_array(name, body, at), rtype == REC_POSTCOPY_FAULT)
+        if rtype in (REC_POSTCOPY_PFNS, REC_POSTCOPY_FAULT, REC_POSTCOPY_RESUME):
+            pfns = self._pfn_array(name, body, at)
+            return PfnList(pfns, rtype == REC_POSTCOPY_FAULT, rtype == REC_POSTCOPY_RESUME)
         if rtype == REC_X86_TSC_INFO:
             if len(body) != TSC_INFO.size:
                 raise RemoteProtocolError(

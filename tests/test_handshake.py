@@ -14,6 +14,7 @@ from protocol.handshake import (
     ACCEPTED,
     AUTHENTICATED,
     CLOSED,
+    POSTCOPY,
     READY,
     RECEIVER,
     RUNNING,
@@ -32,6 +33,8 @@ CALLS = {
     "stream": msgs.Stream(),
     "go": msgs.Go(),
     "whereabouts": msgs.Whereabouts(name="vm1", migration_id="b" * 32),
+    "finish": msgs.Finish(),
+    "resume": msgs.Resume(name="vm1", migration_id="c" * 32),
 }
 REPLIES = {
     "hello": msgs.Challenge(nonce=b"s" * 32, proof=b"q" * 32),
@@ -40,6 +43,8 @@ REPLIES = {
     "stream": msgs.Ready(),
     "go": None,
     "whereabouts": msgs.Location(state="absent"),
+    "finish": msgs.Finished(requested=0),
+    "resume": None,
 }
 
 
@@ -124,7 +129,8 @@ def test_random_call_orders_are_followed_or_refused(names):
         frame = raw.send_call(CALLS[name])
         allowed = TRANSITIONS.get(expected, {})
         if name not in allowed:
-            with pytest.raises(RemoteProtocolError, match="is not allowed in state"):
+            refusal = "is not allowed in state|the handshake is over"
+            with pytest.raises(RemoteProtocolError, match=refusal):
                 deliver(frame, r)
             return
         event = deliver(frame, r)
@@ -133,3 +139,21 @@ def test_random_call_orders_are_followed_or_refused(names):
         assert raw.next_event() is not NEED_DATA
         expected = allowed[name][1]
         assert r.state == expected
+
+
+def test_a_postcopy_ready_leads_to_postcopy_and_finish():
+    s, r = Handshake(SENDER), Handshake(RECEIVER)
+    for name in ("hello", "prove", "migrate"):
+        exchange(s, r, name)
+    deliver(s.send_call(CALLS["stream"]), r)
+    deliver(r.send_reply(msgs.Ready(postcopy=True)), s)
+    exchange(s, r, "go")
+    assert s.state == r.state == POSTCOPY
+    exchange(s, r, "finish")
+    assert s.state == r.state == CLOSED
+    # without postcopy, finish is not a step
+    s, r = Handshake(SENDER), Handshake(RECEIVER)
+    for name in ("hello", "prove", "migrate", "stream", "go"):
+        exchange(s, r, name)
+    with pytest.raises(LocalProtocolError, match="finish is not allowed in state running"):
+        s.send_call(CALLS["finish"])

@@ -61,16 +61,16 @@ class DaemonStubs:
         """Restore a domain from a save file, like `xl restore`."""
         return self.channel.call(Restore(file=file, name=name, paused=paused, watch=watch))
 
-    def migrate(self, *, name: str, address: str, policy: str = 'converge', settings: dict[str, int | float | str | bool] | None = None, verify: bool = False, watch: bool = False) -> JobReport:
+    def migrate(self, *, name: str, address: str, policy: str = 'converge', settings: dict[str, int | float | str | bool] | None = None, verify: bool = False, watch: bool = False, postcopy: bool = False, postcopy_after_precopy: bool = False, resume: bool = False) -> JobReport:
         """Live-migrate a domain to the ferryd at `address`, like `xl migrate`."""
-        return self.channel.call(Migrate(name=name, address=address, policy=policy, settings=settings if settings is not None else {}, verify=verify, watch=watch))
+        return self.channel.call(Migrate(name=name, address=address, policy=policy, settings=settings if settings is not None else {}, verify=verify, watch=watch, postcopy=postcopy, postcopy_after_precopy=postcopy_after_precopy, resume=resume))
 
     def job(self, *, name: str) -> JobReport:
         """A domain's current or last job (`ferry job`)."""
         return self.channel.call(Job(name=name))
 
     def job_control(self, *, name: str, action: str, key: str = '', value: str = '') -> str:
-        """Steer a running job: abort, stop-and-copy, or set a policy setting; answers what was done."""
+        """Steer a running job: abort, stop-and-copy, postcopy (a migration started with postcopy allowed), or set a policy setting; answers what was done."""
         return self.channel.call(JobControl(name=name, action=action, key=key, value=value))
 
     def policies(self) -> list[PolicyInfo]:
@@ -132,16 +132,16 @@ class AsyncDaemonStubs:
         """Restore a domain from a save file, like `xl restore`."""
         return await self.channel.call(Restore(file=file, name=name, paused=paused, watch=watch))
 
-    async def migrate(self, *, name: str, address: str, policy: str = 'converge', settings: dict[str, int | float | str | bool] | None = None, verify: bool = False, watch: bool = False) -> JobReport:
+    async def migrate(self, *, name: str, address: str, policy: str = 'converge', settings: dict[str, int | float | str | bool] | None = None, verify: bool = False, watch: bool = False, postcopy: bool = False, postcopy_after_precopy: bool = False, resume: bool = False) -> JobReport:
         """Live-migrate a domain to the ferryd at `address`, like `xl migrate`."""
-        return await self.channel.call(Migrate(name=name, address=address, policy=policy, settings=settings if settings is not None else {}, verify=verify, watch=watch))
+        return await self.channel.call(Migrate(name=name, address=address, policy=policy, settings=settings if settings is not None else {}, verify=verify, watch=watch, postcopy=postcopy, postcopy_after_precopy=postcopy_after_precopy, resume=resume))
 
     async def job(self, *, name: str) -> JobReport:
         """A domain's current or last job (`ferry job`)."""
         return await self.channel.call(Job(name=name))
 
     async def job_control(self, *, name: str, action: str, key: str = '', value: str = '') -> str:
-        """Steer a running job: abort, stop-and-copy, or set a policy setting; answers what was done."""
+        """Steer a running job: abort, stop-and-copy, postcopy (a migration started with postcopy allowed), or set a policy setting; answers what was done."""
         return await self.channel.call(JobControl(name=name, action=action, key=key, value=value))
 
     async def policies(self) -> list[PolicyInfo]:

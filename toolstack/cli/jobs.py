@@ -169,8 +169,8 @@ class Migrate(Command):
         )
         p.add_argument(
             "--fallback",
-            choices=["stop-and-copy", "abort"],
-            help="converge: what to do when precopy does not converge",
+            choices=["stop-and-copy", "abort", "postcopy"],
+            help="converge: what to do when precopy does not converge (postcopy needs --postcopy)",
         )
         p.add_argument(
             "--precopy-iterations", type=int, metavar="N", help="xen: max_iterations (Xen's name)"
@@ -180,6 +180,22 @@ class Migrate(Command):
         )
         p.add_argument(
             "--verify", action="store_true", help="compare RAM digests before the switch"
+        )
+        p.add_argument(
+            "--postcopy",
+            action="store_true",
+            help="this migration may switch to postcopy (job-control postcopy, a policy, "
+            "or --postcopy-after-precopy)",
+        )
+        p.add_argument(
+            "--postcopy-after-precopy",
+            action="store_true",
+            help="switch to postcopy once the first pass over RAM is done (implies --postcopy)",
+        )
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="go on with this domain's paused postcopy over a new connection to HOST:PORT",
         )
         p.add_argument("--json", action="store_true")
 
@@ -193,6 +209,9 @@ class Migrate(Command):
             policy=args.policy,
             settings=settings_from(args),
             verify=args.verify,
+            postcopy=args.postcopy or args.postcopy_after_precopy,
+            postcopy_after_precopy=args.postcopy_after_precopy,
+            resume=args.resume,
         )
         if args.json:
             emit_json(report)
@@ -222,12 +241,12 @@ class JobInfo(Command):
 
 class JobControl(Command):
     name = "job-control"
-    help = "steer a running job: abort, stop-and-copy, set KEY=VALUE"
+    help = "steer a running job: abort, stop-and-copy, postcopy, set KEY=VALUE"
 
     @staticmethod
     def configure(p) -> None:
         p.add_argument("domain")
-        p.add_argument("action", choices=["abort", "stop-and-copy", "set"])
+        p.add_argument("action", choices=["abort", "stop-and-copy", "postcopy", "set"])
         p.add_argument("setting", nargs="?", metavar="KEY=VALUE")
 
     @staticmethod

@@ -75,6 +75,16 @@ def print_job(job) -> None:
         rows.append(("Integrity", job.integrity))
     if job.error:
         rows.append(("Error", job.error))
+    if job.postcopy:
+        pc = job.postcopy
+        rows.append(
+            (
+                "Postcopy",
+                f"{pc.pages} pages: {pc.pushed} pushed, {pc.requested} requested by faults, "
+                f"{_mb(pc.bytes)} in {_ms(pc.ms)}",
+            )
+        )
+        rows.append(("Fault latency", f"p50 {_us(pc.fault_p50_us)}, p99 {_us(pc.fault_p99_us)}"))
     for name, value in rows:
         print(f"{name + ':':<19} {value}")
     if job.iterations:

@@ -23,6 +23,7 @@ from ..host import Job, JobStats, ToolstackError
 from ..host.async_channel import AsyncChannel, ChannelError
 from ..host.savefile import open_save_file, rename, restore_domain, save_domain
 from ..migration import migrate_send
+from ..migration.sender import open_resume
 from ..policies import PolicyError, PolicyFailed
 from ..policies.guard import one_line
 from ._gen_control_dispatch import DaemonHandlers
@@ -99,7 +100,7 @@ class ControlSession(DaemonHandlers):
         await self._idle_domain(name).runner.unpause()
 
     async def on_destroy(self, name) -> None:
-        await self.host.destroy(self._idle_domain(name))
+        await self.host.destroy(self._idle_domain(name, "destroy"))
 
     async def on_digest(self, name) -> str:
         return await self.host.get(name).runner.digest()
@@ -107,13 +108,12 @@ class ControlSession(DaemonHandlers):
     async def on_guest_check(self, name) -> str:
         return await self.host.get(name).runner.guest_check()
 
-    def _idle_domain(self, name: str):
+    def _idle_domain(self, name: str, operation: str = ""):
         """A domain no job owns: the only kind an operator's command may change."""
         domain = self.host.get(name)
-        if domain.in_doubt:
+        if domain.hold is not None and operation not in domain.hold.allowed:
             raise ToolstackError(
-                f"domain {name} is in doubt ({domain.in_doubt}); "
-                f"`ferry migrate-resolve {name}` settles it"
+                f"domain {name} is {domain.hold.state} ({domain.hold.why}); {domain.hold.command}"
             )
         if domain.busy:
             raise ToolstackError(
@@ -156,28 +156,63 @@ class ControlSession(DaemonHandlers):
 
         return await self._run(job, work, watch)
 
-    async def on_migrate(self, name, address, policy, settings, verify, watch) -> JobReport:
-        domain = self._idle_domain(name)
-        key = self.daemon.auth_key
-        if key is None:
+    async def on_migrate(
+        self,
+        name,
+        address,
+        policy,
+        settings,
+        verify,
+        watch,
+        postcopy,
+        postcopy_after_precopy,
+        resume,
+    ) -> JobReport:
+        if self.daemon.auth_key is None:
             raise ToolstackError("this daemon has no --auth-key to authenticate to the destination")
+        if resume:
+            return await self._resume(name, address, watch)
+        if postcopy_after_precopy and not postcopy:
+            raise ToolstackError("postcopy_after_precopy needs postcopy (migrate --postcopy)")
+        domain = self._idle_domain(name)
         steer = self.daemon.policies.make(policy, settings)  # a bad setting fails here, early
         job = Job(JobStats("migrate", name, domain.config.memory_bytes), steer)
         job.own(domain)  # claimed before anything else can run: no second job gets it
+        job.postcopy_allowed = postcopy
+        job.postcopy_after_precopy = postcopy_after_precopy
 
         async def work(job: Job) -> None:
             await migrate_send(self.daemon.site, job, domain, address, verify)
 
         return await self._run(job, work, watch)
 
+    async def _resume(self, name: str, address: str, watch: bool) -> JobReport:
+        """Hand a paused postcopy migration a new link to `address`; a refusal
+        (wrong key, wrong host) leaves it paused as it was."""
+        job = self.daemon.jobs.get(name)
+        if job is None or job.kind != "migrate" or job.pause_reason is None:
+            raise ToolstackError(
+                f"{name} has no paused postcopy migration here to resume (see `ferry job {name}`)"
+            )
+        link = await open_resume(self.daemon.site, job, address)
+        job.stats.peer = address
+        job.resume_with(link)
+        return await self._wait(job, watch)
+
     async def _run(self, job: Job, work, watch: bool) -> JobReport:
-        """Start the job in the daemon's nursery; wait for it, with progress when watched."""
+        """Start the job in the daemon's nursery and wait for it."""
         self.daemon.start_job(job, work)
-        while job.running:
+        return await self._wait(job, watch)
+
+    async def _wait(self, job: Job, watch: bool) -> JobReport:
+        """Until the job ends or pauses, with progress when watched."""
+        while job.running and job.pause_reason is None:
             with trio.move_on_after(PROGRESS_INTERVAL):
                 await job.done.wait()
             if watch and job.running:
                 await self.channel.call(msgs.Progress(job=job.report()))
+        if job.pause_reason is not None:
+            raise ToolstackError(f"{job.stats.domain}: postcopy-paused: {job.pause_reason}")
         if job.error:
             raise ToolstackError(job.error)
         return job.report()

@@ -15,6 +15,8 @@ import socket
 
 import trio
 
+from hypervisor import uffd
+
 from ..host import Host, Job
 from ..host.domains import DEFAULT_MAX_OVERCOMMIT
 from ..migration import Journal, Resolver, Site, parse_address, serve_migration
@@ -57,9 +59,9 @@ class Daemon:
         found = await self.host.reattach()
         if found:
             log.info("re-attached to running domains: %s", ", ".join(found))
-        # Before any domain is reported: settle what the journal says (source
-        # domains whose migration needs the peer's word stay in doubt meanwhile).
-        await self.resolver.resolve_journal()
+        self.site.postcopy = await trio.to_thread.run_sync(uffd.usable)
+        if not self.site.postcopy[0]:
+            log.info("postcopy cannot be served here: %s", self.site.postcopy[1])
         control = self._control_listener()
         try:
             async with trio.open_nursery() as nursery:
@@ -67,6 +69,10 @@ class Daemon:
                 nursery.start_soon(self.resolver.retry_forever)
                 async with trio.open_nursery() as jobs:
                     self.job_nursery = jobs
+                    # Before any domain is reported: settle what the journal says
+                    # (a domain whose migration needs the peer's word stays in
+                    # doubt, a paused postcopy becomes a paused job again).
+                    await self.resolver.resolve_journal()
                     jobs.start_soon(trio.serve_listeners, self._control_connection, [control])
                     if self.listen:
                         host, port = self.listen

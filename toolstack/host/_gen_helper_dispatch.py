@@ -8,7 +8,7 @@ pass decoded calls to `dispatch()`; it returns the reply value."""
 from __future__ import annotations
 
 from protocol._gen_helper_msgs import *  # noqa: F403
-from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress
+from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress, PostcopyTransition, PostcopyProgress
 
 
 class ToolstackHandlers:
@@ -27,7 +27,7 @@ class ToolstackHandlers:
         raise NotImplementedError("suspend")
 
     async def on_postcopy(self) -> bool:
-        """Precopy is over: resume the guest at the destination (postcopy)."""
+        """The postcopy transition is written (context, the set, TRANSITION): have the destination run the guest. True once it runs there (push the pages); false when the switch did not happen (end: nothing more may be sent)."""
         raise NotImplementedError("postcopy")
 
     async def on_checkpoint(self) -> int:
@@ -62,6 +62,14 @@ class ToolstackHandlers:
         """Pages received so far (sent while records arrive, at most every 0.2 s): the restore is alive, and `ferry job` shows it."""
         raise NotImplementedError("restore_progress")
 
+    async def on_postcopy_transition(self) -> bool:
+        """POSTCOPY_TRANSITION arrived and the vCPU context is loaded: run the guest now. True once it runs (serve its faults); false when it must not."""
+        raise NotImplementedError("postcopy_transition")
+
+    async def on_postcopy_progress(self, pages: int, done: int, requested: int, octets: int, fault_us: list[int]) -> None:
+        """Postcopy so far, at most every 0.2 s: the set, pages sent (save) or installed (restore), pages the guest faulted on, stream octets, and (restore) the latency of each fault served since the last message."""
+        raise NotImplementedError("postcopy_progress")
+
     async def dispatch(self, message):
         return await self._ROUTES[type(message)](self, message)
 
@@ -78,4 +86,6 @@ class ToolstackHandlers:
         Complete: lambda h, m: h.on_complete(m.retval, m.errnoval, m.message, m.peak_rss),
         PrecopyPolicy: lambda h, m: h.on_precopy_policy(m.stats),
         RestoreProgress: lambda h, m: h.on_restore_progress(m.pages, m.octets),
+        PostcopyTransition: lambda h, m: h.on_postcopy_transition(),
+        PostcopyProgress: lambda h, m: h.on_postcopy_progress(m.pages, m.done, m.requested, m.octets, m.fault_us),
     }

@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 import subprocess
+from dataclasses import dataclass
 
 import trio
 
@@ -59,6 +60,30 @@ def config_from_json(raw: bytes | str, where: str = "domain config") -> DomainCo
         raise ToolstackError(f"bad {exc}") from None
 
 
+@dataclass(frozen=True)
+class Hold:
+    """Why a domain is out of operators' reach: `state` is what `ferry list`
+    shows (in-doubt, postcopy-inconsistent), `why` a line, `command` what
+    settles it, `allowed` the operations that may still touch it."""
+
+    state: str
+    why: str
+    command: str
+    allowed: frozenset = frozenset()
+
+
+INCONSISTENT = "--postcopy-inconsistent"  # xl's suffix for a guest split between hosts
+
+
+def inconsistent_hold(name: str) -> Hold:
+    return Hold(
+        "postcopy-inconsistent",
+        "a postcopy migration ended without all of its pages on either host; kept for inspection",
+        f"inspect it (ferry job, digest), then `ferry destroy {name}`",
+        frozenset({"destroy"}),
+    )
+
+
 class Domain:
     """One domain of this host and the way to its runner."""
 
@@ -72,9 +97,9 @@ class Domain:
         # An incoming domain destroys itself when its last client leaves
         # before it ran; this connection is the toolstack's claim on it.
         self.keeper: RunnerLink | None = None
-        # Why a migration's outcome is not known yet (see migration/resolve.py):
-        # until it is, no operator command may touch the domain.
-        self.in_doubt: str | None = None
+        # A migration left the domain in a state no ordinary command may touch
+        # (see migration/resolve.py): None, or a Hold saying which and why.
+        self.hold: Hold | None = None
 
     @property
     def name(self) -> str:
@@ -333,6 +358,27 @@ class Host:
             await trio.to_thread.run_sync(proc.wait)  # reaps a child; closes a pidfd
         self.forget(domain)
 
+    async def rename(self, domain: Domain, name: str) -> None:
+        """`domain` under another name: its state file and its runner's socket
+        move (the runner keeps listening on the renamed path)."""
+        if name in self.domains:
+            raise ToolstackError(f"cannot rename {domain.name}: {name} exists")
+        config = DomainConfig.from_wire({**domain.config.to_wire(), "name": name}, "rename")
+        old = domain.name
+
+        def move() -> None:
+            os.rename(self.path(old, "sock"), self.path(name, "sock"))
+            write_private_file(self.path(name, "json"), config_to_json(config))
+            try:
+                os.unlink(self.path(old, "json"))
+            except FileNotFoundError:
+                pass
+
+        await trio.to_thread.run_sync(move)
+        del self.domains[old]
+        domain.config = config
+        self.domains[name] = domain
+
     def forget(self, domain: Domain) -> None:
         self.domains.pop(domain.name, None)
         for ext in ("json", "sock"):
@@ -363,6 +409,8 @@ class Host:
             except ToolstackError:
                 self.forget(domain)  # its runner is gone
                 continue
+            if config.name.endswith(INCONSISTENT):
+                domain.hold = inconsistent_hold(config.name)
             self.domains[config.name] = domain
             found.append(config.name)
         return found
@@ -396,8 +444,10 @@ class Host:
             state = info.state.name.lower()
         except ToolstackError:
             info, state = None, "unreachable"
-        if domain.in_doubt:
-            state = "in-doubt"
+        if domain.hold is not None:
+            state = domain.hold.state
+        elif domain.owner is not None and domain.owner.pause_reason is not None:
+            state = "postcopy-paused"
         return DomainInfo(
             name=domain.name,
             state=state,

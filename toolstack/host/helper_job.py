@@ -33,6 +33,7 @@ from .domains import Domain, ToolstackError
 from .stats import JobStats
 
 log = logging.getLogger("ferry.helper")
+CONTINUE = PrecopyDecision.CONTINUE_PRECOPY
 
 
 class HelperFailed(ToolstackError):
@@ -64,6 +65,11 @@ class HelperCallbacks(ToolstackHandlers):
         self.completed: tuple[int, int, str] | None = None
         self.abort_reason = ""  # why the policy answered ABORT, if it did
         self.before_suspend = None  # awaited before the guest is paused (a journal entry)
+        # postcopy: the migration's side of the switch (see migration/sender.py, receiver.py)
+        self.switch_to_postcopy = None  # source: have the destination run the guest
+        self.run_guest_postcopy = None  # destination: run the guest
+        self.postcopy_allowed = False  # a POSTCOPY answer may go to the helper
+        self.postcopy_after_precopy = False  # answer POSTCOPY once the first pass is done
         self.suspended = False
         self.restored_pages = 0
         self.process = None  # the helper's trio Process while it runs
@@ -92,7 +98,20 @@ class HelperCallbacks(ToolstackHandlers):
         return True
 
     async def on_postcopy(self) -> bool:
-        return False
+        """The source's transition is written: the migration has the guest run
+        at the destination (the hook), or says it did not."""
+        if self.switch_to_postcopy is None:
+            return False
+        return await self.switch_to_postcopy()
+
+    async def on_postcopy_transition(self) -> bool:
+        """The destination's transition arrived: the migration runs the guest."""
+        if self.run_guest_postcopy is None:
+            return False
+        return await self.run_guest_postcopy()
+
+    async def on_postcopy_progress(self, pages, done, requested, octets, fault_us) -> None:
+        self.stats.record_postcopy(pages, done, requested, octets, fault_us)
 
     async def on_checkpoint(self) -> int:
         return 0  # no checkpointed (Remus/COLO) streams: stop after the first
@@ -124,9 +143,19 @@ class HelperCallbacks(ToolstackHandlers):
         decision = PrecopyDecision.STOP_AND_COPY
         if self.policy:
             decision = decide(self.policy, stats, s.estimate, self.budget_ms)
-        if decision == PrecopyDecision.POSTCOPY:
-            # not implemented yet: never answer it (the helper would refuse)
-            decision = PrecopyDecision.STOP_AND_COPY
+        first_pass_done = stats.iteration >= 1
+        stays = (PrecopyDecision.ABORT, PrecopyDecision.POSTCOPY)
+        if self.postcopy_after_precopy and first_pass_done and decision not in stays:
+            # libvirt's --postcopy-after-precopy: the switch comes after the first
+            # pass whatever the policy would do (an abort still wins)
+            decision = PrecopyDecision.POSTCOPY
+            self.policy.reason = "the first pass over RAM is done (postcopy after precopy)"
+        if decision == PrecopyDecision.POSTCOPY and not self.postcopy_allowed:
+            decision = PrecopyDecision.ABORT
+            self.policy.reason = (
+                f"it answered POSTCOPY ({one_line(str(self.policy.reason))}), but this migration "
+                "was not started with --postcopy"
+            )
         if self.policy:
             if decision != PrecopyDecision.CONTINUE_PRECOPY:
                 s.decision = f"{decision.name.lower()}: {one_line(str(self.policy.reason))}"
@@ -147,6 +176,8 @@ async def run_helper(
     silence_timeout: float | None = None,
     command: list[str] | None = None,
     stream_offset: int = 0,
+    postcopy: bool = False,
+    resume: bool = False,
 ) -> None:
     """Run a helper to completion; HelperFailed (one line) if it did not succeed.
     A helper that says nothing for `silence_timeout` s (DEADLINES.helper) is hung."""
@@ -157,6 +188,10 @@ async def run_helper(
     cmd += ["--rpc-fd", str(theirs.fileno()), "--domain", domain.control_path]
     if live:
         cmd.append("--live")
+    if postcopy:
+        cmd.append("--postcopy")  # save: the helper may obey a POSTCOPY answer
+    if resume:
+        cmd.append("--postcopy-resume")  # a broken postcopy goes on over a new link
     if stream_offset:
         cmd += ["--stream-offset", str(stream_offset)]
     try:

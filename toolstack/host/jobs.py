@@ -47,18 +47,30 @@ class JobAborted(ToolstackError):
     pass
 
 
+class PostcopyAborted(ToolstackError):
+    """An operator ended a paused postcopy migration (not a rollback)."""
+
+
 class Job:
     def __init__(self, stats: JobStats, policy: Policy | None = None, domain=None) -> None:
         self.stats = stats
         self.policy = policy
         self.domain = None  # the Domain this job owns while it runs, if any yet
         self.migration_id: str | None = None  # a migration's id, the same on both hosts
+        self.postcopy_allowed = False  # a migration started with --postcopy
+        self.postcopy_after_precopy = False  # ... that switches once the first pass is done
         self.done = trio.Event()
         self.error: str | None = None
         self.committed = False
         self._undo: list = []  # (description, async callable), run last-first on failure
         self._scope = trio.CancelScope()
         self._abort_reason: str | None = None
+        # postcopy: a job that lost its link waits for a new one (resume) or an abort
+        self.pause_reason: str | None = None  # set while paused
+        self.paused = trio.Event()  # set at each pause, for a client that watches
+        self._resumed = trio.Event()
+        self._resume_link = None
+        self._pause_scope: trio.CancelScope | None = None
         if domain is not None:
             self.own(domain)
 
@@ -96,16 +108,56 @@ class Job:
         self._undo.clear()
 
     # -- operators ---------------------------------------------------------------------
+    # -- postcopy's pause ------------------------------------------------------------
+    async def pause(self, why: str):
+        """Postcopy lost its link: wait, as long as it takes, for a new one
+        (`resume_with`), which this returns; PostcopyAborted when an operator
+        aborts instead."""
+        self.pause_reason = why
+        self.stats.phase = "postcopy-paused"
+        self._resumed = trio.Event()
+        self.paused.set()
+        log.warning("%s of %s paused: %s", self.kind, self.stats.domain, why)
+        with trio.CancelScope() as self._pause_scope:
+            await self._resumed.wait()
+        self._pause_scope = None
+        self.pause_reason = None
+        self.paused = trio.Event()
+        if self._resume_link is None:
+            raise PostcopyAborted(self._abort_reason or "aborted while paused")
+        link, self._resume_link = self._resume_link, None
+        self.stats.phase = "postcopy"
+        return link
+
+    def resume_with(self, link) -> None:
+        """Hand a paused job the link it goes on with."""
+        if self.pause_reason is None:
+            raise ToolstackError(f"the {self.kind} job of {self.stats.domain} is not paused")
+        self._resume_link = link
+        self.pause_reason = None  # resumed from now on, for anyone who looks
+        self._resumed.set()
+
     def control(self, action: str, key: str = "", value: str = "", budget_ms=None) -> str:
-        """An operator's order: abort ends the job now (before its commit point);
-        stop-and-copy and set reach the policy's next answer."""
+        """An operator's order: abort ends the job now (before its commit point,
+        or while postcopy is paused); stop-and-copy, postcopy and set reach the
+        policy's next answer."""
         if not self.running:
             raise ToolstackError(f"the {self.kind} job of {self.stats.domain} is over")
+        if action == "abort" and self._pause_scope is not None:
+            self._abort_reason = "aborted by the operator while postcopy was paused"
+            self.stats.decision = "abort: operator requested abort (postcopy paused)"
+            self._pause_scope.cancel()
+            return "abort requested: the guest's pages stay split; both copies are kept"
         if action == "abort":
             if self.committed:
                 raise ToolstackError(
                     f"the {self.kind} job of {self.stats.domain} is past its commit point: "
                     "the guest runs at the destination, there is nothing to abort"
+                    + (
+                        " (a postcopy migration can be aborted once paused)"
+                        if self.stats.postcopy
+                        else ""
+                    )
                 )
             self._abort_reason = "aborted by the operator (job-control abort)"
             self.stats.decision = "abort: operator requested abort"
@@ -116,6 +168,14 @@ class Job:
         if action == "stop-and-copy":
             self.policy.request(PrecopyDecision.STOP_AND_COPY)
             return f"{action} requested"
+        if action == "postcopy":
+            if not self.postcopy_allowed:
+                raise ToolstackError(
+                    f"the {self.kind} job of {self.stats.domain} may not switch to postcopy "
+                    "(it was not started with --postcopy)"
+                )
+            self.policy.request(PrecopyDecision.POSTCOPY)
+            return "postcopy requested"
         if action == "set":
             set_setting(self.policy, key, value, budget_ms or DEFAULT_BUDGET_MS)
             return f"{key} = {getattr(self.policy, key)}"

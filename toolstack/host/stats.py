@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from protocol._gen_control_msgs import Iteration as IterationReport
-from protocol._gen_control_msgs import JobReport
+from protocol._gen_control_msgs import JobReport, PostcopyReport
 from protocol.libxc import page_data_size
 from protocol.limits import PAGE_SIZE
 
@@ -31,6 +31,53 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+HISTOGRAM_BUCKETS = 24  # power-of-two microseconds, as QEMU 10.1 reports postcopy faults
+
+
+def histogram(latencies_us: list[int]) -> list[int]:
+    """Counts by bucket: bucket i holds [2^i, 2^(i+1)) us, bucket 0 also 0-1 us,
+    the last bucket everything above."""
+    counts = [0] * HISTOGRAM_BUCKETS
+    for us in latencies_us:
+        counts[min(max(int(us), 1).bit_length() - 1, HISTOGRAM_BUCKETS - 1)] += 1
+    return counts
+
+
+@dataclass
+class Postcopy:
+    """A migration's postcopy phase, as one side sees it."""
+
+    pages: int = 0
+    done: int = 0  # sent (source) or in place (destination)
+    requested: int = 0
+    octets: int = 0
+    fault_us: list[int] = field(default_factory=list)  # destination: one per fault served
+    fault_histogram: list[int] | None = None  # source: the destination's, at the end
+    fault_p50_us: float | None = None
+    fault_p99_us: float | None = None
+    started_ns: int = field(default_factory=time.monotonic_ns)  # the guest ran at the destination
+    ended_ns: int | None = None  # every page was there
+
+    def report(self) -> PostcopyReport:
+        if self.fault_histogram is None:  # measured here
+            hist = histogram(self.fault_us)
+            p50 = percentile(self.fault_us, 0.5)
+            p99 = percentile(self.fault_us, 0.99)
+        else:  # the destination's account
+            hist, p50, p99 = self.fault_histogram, self.fault_p50_us, self.fault_p99_us
+        end = self.ended_ns or time.monotonic_ns()
+        return PostcopyReport(
+            pages=self.pages,
+            pushed=max(self.done - self.requested, 0),
+            requested=self.requested,
+            fault_p50_us=_round(p50),
+            fault_p99_us=_round(p99),
+            fault_histogram=hist,
+            ms=round((end - self.started_ns) / 1e6, 1),
+            bytes=self.octets,
+        )
 
 
 @dataclass
@@ -65,6 +112,7 @@ class JobStats:
     stream_start_ns: int | None = None  # the helper's first write
     stream_end_ns: int | None = None  # the helper's `complete`
     error: str = ""
+    postcopy: Postcopy | None = None  # from the switch on
 
     # -- updates ----------------------------------------------------------
     def record_batch(self, stats) -> None:
@@ -112,6 +160,24 @@ class JobStats:
             final.pages, final.bytes = done, page_data_size(done)
             self.pages_sent = self._final_base[0] + done
             self.bytes_sent = self._final_base[1] + final.bytes
+
+    def record_switch(self) -> None:
+        """The guest runs at the destination now; its last pages follow (postcopy)."""
+        if self.iterations and self.iterations[-1].final and not self.iterations[-1].pages:
+            self.iterations.pop()  # the suspend opened a final pass that postcopy replaced
+        self.phase = "postcopy"
+        self.resumed_ns = time.monotonic_ns()  # the switchover's downtime ends here
+        if self.postcopy is None:
+            self.postcopy = Postcopy()
+
+    def record_postcopy(self, pages, done, requested, octets, fault_us) -> None:
+        if self.postcopy is None:
+            self.postcopy = Postcopy()
+        pc = self.postcopy
+        pc.pages, pc.done, pc.requested, pc.octets = pages, done, requested, octets
+        pc.fault_us.extend(fault_us)
+        if pages and done >= pages and pc.ended_ns is None:
+            pc.ended_ns = time.monotonic_ns()
 
     def record_received(self, pages: int, octets: int) -> None:
         """A restore's progress: for receiving jobs, "sent" counts what arrived."""
@@ -187,6 +253,7 @@ class JobStats:
             decision=self.decision,
             error=self.error,
             peer=self.peer,
+            postcopy=self.postcopy.report() if self.postcopy else None,
             **self.verify,
         )
 

@@ -8,8 +8,11 @@ and whether the source was running when the migration began.  It is written
 to a fresh file, fsynced, renamed into place and the directory fsynced, so a
 crash leaves the previous phase or the new one, never half a record.
 
-    source       precopy -> suspended -> go-sent -> go-out -> committed, then removed
-    destination  receiving -> committed, kept until the domain leaves this host
+    source       precopy -> suspended -> go-sent [-> postcopy] -> committed, then removed
+    destination  receiving [-> postcopy] -> committed, kept while the domain is here
+
+`postcopy`: the guest runs at the destination, the pages it still lacks are
+at the source; neither side may give its copy up.
 
 A restarted ferryd reads every record and resolves it (resolve.py) before it
 reports the domain: the phase says what can be true at the peer.
@@ -31,8 +34,8 @@ from ..host import faults
 
 SOURCE, DESTINATION = "source", "destination"
 PHASES = {
-    SOURCE: ("precopy", "suspended", "go-sent", "go-out", "committed"),
-    DESTINATION: ("receiving", "committed"),
+    SOURCE: ("precopy", "suspended", "go-sent", "postcopy", "committed"),
+    DESTINATION: ("receiving", "postcopy", "committed"),
 }
 MIGRATION_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_RECORD = 64 << 10  # octets: a record is a few hundred

@@ -26,9 +26,11 @@ from protocol.handshake import RECEIVER, VERSION
 
 from ..host import HelperCallbacks, Job, JobStats, ToolstackError, run_helper
 from ..host.deadlines import DEADLINES
+from ..host.jobs import PostcopyAborted
 from .journal import DESTINATION, Record
 from .link import LinkError, MigrationLink
 from .ratelimit import RateLimitedLog
+from .sender import mark_inconsistent
 from .site import Site
 
 log = logging.getLogger("ferry.migrate")
@@ -43,20 +45,38 @@ class Refused(Exception):
 async def serve_migration(site: Site, stream) -> None:
     """One incoming connection; never raises for a bad or vanishing peer."""
     link = MigrationLink(stream, RECEIVER)
+    handed_over = False
     try:
         await authenticate(link, site.key)
         call = await link.next_call(DEADLINES.handshake, "a migrate request")
         if isinstance(call.message, msgs.Whereabouts):
             state = await site.resolver.whereabouts(call.message.name, call.message.migration_id)
             await link.answer(msgs.Location(state=state))
-            return
-        await receive(site, link, call.message)
+        elif isinstance(call.message, msgs.Resume):
+            handed_over = await hand_to_paused_job(site, link, call.message)
+        else:
+            await receive(site, link, call.message)
     except Refused as exc:
         refusals.warning("migration connection from %s refused: %s", peer_name(stream), exc)
     except LinkError as exc:
         log.warning("migration connection from %s ended: %s", peer_name(stream), exc)
     finally:
-        await link.aclose()
+        if not handed_over:
+            await link.aclose()
+
+
+async def hand_to_paused_job(site: Site, link: MigrationLink, request) -> bool:
+    """Recovery: a sender resumes a postcopy paused here; its paused job takes
+    this link over (and closes it)."""
+    job = site.jobs.get(request.name)
+    if job is None or job.migration_id != request.migration_id or job.pause_reason is None:
+        await link.refuse(
+            f"no paused postcopy migration {request.migration_id} of {request.name} here"
+        )
+        return False
+    await link.answer()
+    job.resume_with(link)
+    return True
 
 
 async def authenticate(link: MigrationLink, key: bytes) -> None:
@@ -85,10 +105,14 @@ async def receive(site: Site, link: MigrationLink, request) -> None:
     if config.name in site.host.domains:
         await link.refuse(f"a domain named {config.name!r} exists here")
         return
+    if request.postcopy and not site.postcopy[0]:
+        await link.refuse(f"this host cannot serve postcopy: {site.postcopy[1]}")
+        return
     stats = JobStats("migrate-receive", config.name, config.memory_bytes)
     stats.peer = peer_name(link.stream)
     job = Job(stats)
     job.migration_id = request.migration_id
+    job.postcopy_allowed = request.postcopy
 
     async def work(job: Job) -> None:
         try:
@@ -110,14 +134,24 @@ async def _build(site: Site, job: Job, link: MigrationLink, request) -> None:
     domain = await host.create(config, incoming=True)
     job.own(domain)
     job.on_failure(f"destroy the half-built {config.name}", lambda: host.destroy(domain))
-    await link.answer(msgs.Accepted(postcopy=False))
+    await link.answer(msgs.Accepted(postcopy=request.postcopy))
 
     await link.next_call(DEADLINES.handshake, "the stream")
     await read_libxl_prefix(link)
     stats.phase = "restoring"
     callbacks = HelperCallbacks(domain, stats)
-    await run_helper("restore", link.fileno, domain, callbacks, stream_offset=LIBXL_PREFIX)
+    switch = callbacks.run_guest_postcopy = RunGuest(site, job, domain, link, record)
+    try:
+        await run_helper("restore", link.fileno, domain, callbacks, stream_offset=LIBXL_PREFIX)
+    except ToolstackError as exc:
+        if not switch.done:
+            raise
+        await continue_receiving(site, job, domain, record, str(exc))
+        return
     await read_libxl_tail(link)  # the octets after the libxc stream
+    if switch.done:
+        await finish_receiving(site, job, link, record)
+        return
     ready = msgs.Ready()
     if request.verify:
         started = time.monotonic()
@@ -128,17 +162,95 @@ async def _build(site: Site, job: Job, link: MigrationLink, request) -> None:
     stats.phase = "waiting for go"
     await link.next_call(DEADLINES.go, "go")
     await journal.record(record, "committed")
-    await host.save_state(domain)  # a guest that runs here is one this daemon knows
-    await domain.runner.unpause()
-    await host.commit(domain)
-    job.commit()
-    stats.resumed_ns = time.monotonic_ns()
+    await run_guest(site, job, domain)
     stats.finish("completed")
     try:
         await link.answer()
     except LinkError:
         pass  # the guest runs here; the sender will ask (whereabouts)
     log.info("incoming migration of %s complete: the guest runs here", domain.name)
+
+
+async def run_guest(site: Site, job: Job, domain) -> None:
+    """The commit, in the order a crash cannot break: the journal says so
+    (written by the caller), the state file exists, then the guest runs."""
+    await site.host.save_state(domain)  # a guest that runs here is one this daemon knows
+    await domain.runner.unpause()
+    await site.host.commit(domain)
+    job.commit()
+    job.stats.resumed_ns = time.monotonic_ns()
+
+
+class RunGuest:
+    """The destination's side of the switch to postcopy, called by its restore
+    helper at POSTCOPY_TRANSITION: Ready, go, run the guest, confirm."""
+
+    def __init__(self, site: Site, job: Job, domain, link: MigrationLink, record) -> None:
+        self.site, self.job, self.domain, self.link, self.record = site, job, domain, link, record
+        self.done = False
+
+    async def __call__(self) -> bool:
+        await self.link.answer(msgs.Ready(postcopy=True))
+        self.job.stats.phase = "waiting for go"
+        await self.link.next_call(DEADLINES.go, "go")
+        await self.site.journal.record(self.record, "postcopy")
+        await run_guest(self.site, self.job, self.domain)
+        self.job.stats.record_switch()
+        self.done = True
+        try:
+            await self.link.answer()
+        except LinkError:
+            pass  # the guest runs; a lost link pauses postcopy, the sender resumes it
+        return True
+
+
+async def finish_receiving(site: Site, job: Job, link: MigrationLink, record) -> None:
+    """Every page is here (COMPLETE went out): the sender's finish gets our
+    account of the faults.  Without it the migration is complete all the same."""
+    stats = job.stats
+    try:
+        await link.next_call(DEADLINES.handshake, "finish")
+        report = stats.postcopy.report()
+        await link.answer(
+            msgs.Finished(
+                requested=report.requested,
+                fault_histogram=report.fault_histogram,
+                fault_p50_us=report.fault_p50_us,
+                fault_p99_us=report.fault_p99_us,
+            )
+        )
+    except LinkError as exc:
+        log.warning(
+            "%s: the sender's finish did not come (%s); every page is here", record.name, exc
+        )
+    await site.journal.record(record, "committed")
+    stats.finish("completed")
+    log.info("postcopy migration of %s complete: every page is here", record.name)
+
+
+async def continue_receiving(site: Site, job: Job, domain, record, why: str) -> None:
+    """Postcopy lost its link or its helper: the guest waits here for its
+    missing pages (the runner keeps the userfaultfd: they read as nothing,
+    never as zeros) until the sender resumes, as often as it breaks."""
+    while True:
+        why = f"{why}; the source resumes it with `ferry migrate {domain.name} HOST:PORT --resume`"
+        try:
+            link = await job.pause(why)
+        except PostcopyAborted:
+            await mark_inconsistent(site, domain, record)
+            raise PostcopyAborted(
+                f"postcopy aborted: the guest here lacks pages still at the source; kept for "
+                f"inspection as {domain.name}"
+            ) from None
+        try:
+            callbacks = HelperCallbacks(domain, job.stats)
+            await run_helper("restore", link.fileno, domain, callbacks, resume=True)
+            await finish_receiving(site, job, link, record)
+            return
+        except ToolstackError as exc:
+            why = str(exc)
+        finally:
+            await link.aclose()
 
 
 async def read_libxl_prefix(link: MigrationLink) -> None:

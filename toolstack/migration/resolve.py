@@ -8,11 +8,16 @@ would lose it.  The journal says what can be true:
     source phase          what can be true                 what we do
     precopy, suspended    "go" never left: it runs here     resume the source as it was
     go-sent               it may run at the destination     ask the destination
+    postcopy              it runs there, lacking pages      keep ours: postcopy is paused
     committed             it runs at the destination        destroy our copy
 
     destination phase     what can be true                 what we do
     receiving             it never ran here                 remove the incoming domain
+    postcopy              it runs here, lacking pages       postcopy is paused: wait for resume
     committed             it runs here if its runner does   keep it (or forget the record)
+
+A paused postcopy is a job again after a restart: `ferry migrate NAME
+HOST:PORT --resume` goes on with it, `ferry job-control NAME abort` ends it.
 
 Asking means an authenticated `whereabouts(name, migration_id)`: "running"
 there, our copy is destroyed; "absent", ours resumes; no answer (or
@@ -32,12 +37,15 @@ import trio
 
 from protocol import _gen_migration_msgs as msgs
 
-from ..host import Domain, ToolstackError
+from ..host import Domain, Job, JobStats, ToolstackError
 from ..host.deadlines import DEADLINES
+from ..host.domains import Hold
 from ..host.savefile import resume_source
-from .journal import DESTINATION, Record
+from ..host.stats import Postcopy
+from .journal import DESTINATION, SOURCE, Record
 from .link import LinkError, PeerRefused
-from .sender import authenticate, connect
+from .receiver import continue_receiving
+from .sender import authenticate, connect, continue_postcopy
 from .site import Site
 
 log = logging.getLogger("ferry.resolve")
@@ -69,6 +77,11 @@ class Resolver:
         if record.phase == "committed" and domain is not None:
             log.info("%s arrived by migration %s: it runs here", record.name, record.migration_id)
             return  # kept: the sender may still ask about it
+        if record.phase == "postcopy" and domain is not None:
+            self.adopt_paused(domain, record, "ferryd restarted during postcopy")
+            return
+        if record.phase == "postcopy":
+            log.error("%s: its runner died during postcopy; the guest is lost here", record.name)
         # receiving: the guest never ran here (reattach removed the incoming runner)
         await self.site.journal.remove(record.migration_id)
         log.info(
@@ -86,13 +99,36 @@ class Resolver:
             await self._resume(domain, record, "'go' never left, so the guest is here")
         elif record.phase == "committed":
             await self._destroy(domain, record, "the destination had confirmed it runs there")
+        elif record.phase == "postcopy":
+            self.adopt_paused(domain, record, "ferryd restarted during postcopy")
         else:
             self.in_doubt(domain, record, "ferryd restarted after 'go' was sent")
+
+    def adopt_paused(self, domain: Domain, record: Record, why: str) -> None:
+        """A postcopy known only from the journal becomes a paused job again."""
+        source = record.role == SOURCE
+        stats = JobStats(
+            "migrate" if source else "migrate-receive", domain.name, domain.config.memory_bytes
+        )
+        stats.peer, stats.postcopy = record.peer, Postcopy()
+        job = Job(stats, domain=domain)
+        job.migration_id, job.postcopy_allowed = record.migration_id, True
+        job.commit()  # past the commit point: nothing to undo
+        go_on = continue_postcopy if source else continue_receiving
+
+        async def work(job: Job) -> None:
+            await go_on(self.site, job, domain, record, why)
+
+        self.site.start_job(job, work)
 
     # -- in doubt -------------------------------------------------------------------------
     def in_doubt(self, domain: Domain, record: Record, why: str) -> None:
         """Keep `domain` paused and untouchable until the destination says where the guest is."""
-        domain.in_doubt = f"migration to {record.peer}: {why}"
+        domain.hold = Hold(
+            "in-doubt",
+            f"migration to {record.peer}: {why}",
+            f"`ferry migrate-resolve {domain.name}` settles it",
+        )
         self.doubts[domain.name] = record
         log.warning("%s is in doubt (%s); asking %s", domain.name, why, record.peer)
         self._wake.set()
@@ -128,6 +164,15 @@ class Resolver:
         state = await self._ask(record)
         if state == "running":
             return await self._destroy(domain, record, f"the guest runs at {record.peer}")
+        if state == "postcopy":
+            await self.site.journal.record(record, "postcopy")
+            domain.hold = None
+            self.doubts.pop(name, None)
+            self.adopt_paused(domain, record, f"the guest runs at {record.peer} in postcopy")
+            return (
+                f"{name}: the guest runs at {record.peer} and needs the pages kept here: "
+                f"postcopy is paused; resume with `ferry migrate {name} {record.peer} --resume`"
+            )
         if state == "absent":
             return await self._resume(domain, record, f"{record.peer} does not have the guest")
         raise ToolstackError(f"{record.peer} has not decided yet (the guest is {state} there)")
@@ -160,7 +205,7 @@ class Resolver:
 
     async def _settled(self, domain: Domain, record: Record, outcome: str) -> str:
         await self.site.journal.remove(record.migration_id)
-        domain.in_doubt = None
+        domain.hold = None
         self.doubts.pop(domain.name, None)
         message = f"{domain.name}: migration {record.migration_id} resolved, {outcome}"
         log.info("%s", message)
@@ -180,6 +225,6 @@ class Resolver:
         for record in records:
             if record.migration_id == migration_id and record.role == DESTINATION:
                 domain = self.site.host.domains.get(name)
-                if record.phase == "committed" and domain is not None and record.name == name:
-                    return "running"
+                if domain is not None and record.name == name and record.phase != "receiving":
+                    return "running" if record.phase == "committed" else "postcopy"
         return "absent"

@@ -30,6 +30,8 @@ from protocol.handshake import SENDER, VERSION
 
 from ..host import Domain, HelperCallbacks, Job, ToolstackError, faults, run_helper
 from ..host.deadlines import DEADLINES
+from ..host.domains import INCONSISTENT, inconsistent_hold
+from ..host.jobs import PostcopyAborted
 from ..host.savefile import is_running, resume_source
 from .journal import SOURCE, Record
 from .link import LinkError, MigrationLink, PeerRefused
@@ -94,6 +96,23 @@ async def migrate_send(site: Site, job: Job, domain: Domain, address: str, verif
         await link.aclose()
 
 
+async def open_resume(site: Site, job: Job, address: str) -> MigrationLink:
+    """A new link for a paused postcopy: authenticated, and accepted by the
+    destination's paused job (a refusal leaves ours paused as it was)."""
+    link = await connect(address)
+    try:
+        await authenticate(link, site.key)
+        request = msgs.Resume(name=job.stats.domain, migration_id=job.migration_id)
+        await link.call(request, DEADLINES.handshake, "an answer to resume")
+    except PeerRefused as exc:
+        await link.aclose()
+        raise MigrationFailed(f"destination {address} refused to resume: {exc}") from None
+    except BaseException:
+        await link.aclose()
+        raise
+    return link
+
+
 async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verify: bool) -> None:
     stats, journal = job.stats, site.journal
     was_running = await is_running(domain)
@@ -106,10 +125,16 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
         domain.config.to_wire(),
         was_running,
     )
+    job.migration_id = record.migration_id
     await journal.record(record, "precopy")
     job.on_failure("forget the migration", lambda: journal.remove(record.migration_id))
     job.on_failure("resume the source", lambda: resume_source(domain, was_running))
-    request = msgs.Migrate(config=domain.config, migration_id=record.migration_id, verify=verify)
+    request = msgs.Migrate(
+        config=domain.config,
+        migration_id=record.migration_id,
+        verify=verify,
+        postcopy=job.postcopy_allowed,
+    )
     try:
         await link.call(request, DEADLINES.handshake, "an answer to the migrate request")
     except PeerRefused as exc:
@@ -117,7 +142,20 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
 
     callbacks = HelperCallbacks(domain, stats, job.policy, site.budget_ms)
     callbacks.before_suspend = lambda: journal.record(record, "suspended")
-    await send_stream(link, domain, callbacks)
+    callbacks.postcopy_allowed = job.postcopy_allowed
+    callbacks.postcopy_after_precopy = job.postcopy_after_precopy
+    switch = callbacks.switch_to_postcopy = Switch(site, job, domain, link, record)
+    try:
+        await send_stream(link, domain, callbacks, job.postcopy_allowed, switch)
+    except ToolstackError as exc:
+        if not switch.done:
+            raise
+        await link.aclose()  # postcopy lost its link: the job pauses, then goes on
+        await continue_postcopy(site, job, domain, record, str(exc))
+        return
+    if switch.done:
+        await finish_postcopy(site, job, domain, link, record)
+        return
     stats.phase = "waiting for destination"
     source_digest: dict = {}
     ready = await wait_until_ready(link, domain, verify, source_digest)
@@ -135,6 +173,96 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
     await site.host.destroy(domain)
     await journal.remove(record.migration_id)
     stats.finish("completed")
+
+
+class Switch:
+    """The source's side of the switch to postcopy, called by its save helper
+    once the transition is written: the destination says Ready, gets "go" and
+    confirms the guest runs there (the commit point), then the helper pushes."""
+
+    def __init__(self, site: Site, job: Job, domain: Domain, link: MigrationLink, record) -> None:
+        self.site, self.job, self.domain, self.link, self.record = site, job, domain, link, record
+        self.done = False  # the guest runs at the destination: from here, pause, never resume
+
+    async def __call__(self) -> bool:
+        job, journal = self.job, self.site.journal
+        job.stats.phase = "switching to postcopy"
+        try:
+            await self.link.reply(DEADLINES.ready, "Ready")
+        except PeerRefused as exc:
+            raise MigrationFailed(f"destination failed: {exc}") from None
+        await journal.record(self.record, "go-sent")
+        await self.link.send_call(msgs.Go())
+        job.commit()
+        await faults.reached("source:go-out")
+        await wait_until_running(self.site, job, self.domain, self.link, self.record)
+        await journal.record(self.record, "postcopy")
+        job.stats.record_switch()
+        self.done = True
+        return True
+
+
+async def finish_postcopy(site: Site, job: Job, domain: Domain, link, record) -> None:
+    """The destination said COMPLETE (our helper ended after it): every page is
+    there.  Its account of the faults, then our copy goes."""
+    stats = job.stats
+    try:
+        finished = await link.call(msgs.Finish(), DEADLINES.handshake, "the destination's account")
+        pc = stats.postcopy
+        pc.fault_histogram, pc.fault_p50_us, pc.fault_p99_us = (
+            finished.fault_histogram,
+            finished.fault_p50_us,
+            finished.fault_p99_us,
+        )
+        pc.requested = max(pc.requested, finished.requested)
+    except (LinkError, PeerRefused) as exc:
+        # COMPLETE came already: the destination holds every page; only its numbers are lost
+        log.warning("%s: no account from the destination (%s)", domain.name, exc)
+    if stats.postcopy.ended_ns is None:
+        stats.postcopy.ended_ns = time.monotonic_ns()
+    await site.journal.record(record, "committed")
+    await site.host.destroy(domain)
+    await site.journal.remove(record.migration_id)
+    stats.finish("completed")
+
+
+async def continue_postcopy(site: Site, job: Job, domain: Domain, record, why: str) -> None:
+    """A postcopy that lost its link (or its helper): the source keeps its
+    paused copy and every page it has not sent; the job waits for an
+    operator's `ferry migrate NAME HOST:PORT --resume` and goes on over the
+    new link, as often as the link breaks; an abort instead ends it without
+    a rollback (the copy is renamed NAME--postcopy-inconsistent and kept)."""
+    while True:
+        why = f"{why}; resume with `ferry migrate {domain.name} HOST:PORT --resume`"
+        try:
+            link = await job.pause(why)
+        except PostcopyAborted:
+            await mark_inconsistent(site, domain, record)
+            raise PostcopyAborted(
+                f"postcopy aborted: the guest runs at {record.peer} without all of its pages; "
+                f"the rest stay here in {domain.name}, paused and kept for inspection"
+            ) from None
+        try:
+            callbacks = HelperCallbacks(domain, job.stats, None, site.budget_ms)
+            await run_helper("save", link.fileno, domain, callbacks, resume=True)
+            await finish_postcopy(site, job, domain, link, record)
+            return
+        except ToolstackError as exc:
+            why = str(exc)
+        finally:
+            await link.aclose()
+
+
+async def mark_inconsistent(site: Site, domain: Domain, record) -> None:
+    """xl's rename for a copy that must never run again as it is."""
+    name = domain.name if domain.name.endswith(INCONSISTENT) else domain.name + INCONSISTENT
+    if name != domain.name:
+        await site.host.rename(domain, name)
+    domain.hold = inconsistent_hold(name)
+    await site.journal.remove(record.migration_id)
+    log.warning(
+        "%s: postcopy ended without all pages on either host; kept as %s", record.name, name
+    )
 
 
 async def wait_until_running(site, job, domain, link, record) -> None:
@@ -159,15 +287,17 @@ async def wait_until_running(site, job, domain, link, record) -> None:
         ) from None
 
 
-async def send_stream(link: MigrationLink, domain: Domain, callbacks) -> None:
+async def send_stream(
+    link: MigrationLink, domain: Domain, callbacks, postcopy: bool, switch
+) -> None:
     """The libxl stream around the save helper's libxc stream."""
     await link.send_call(msgs.Stream())
     await link.send_raw(libxl.encode_header() + libxl.encode_libxc_context())
     try:
-        await run_helper("save", link.fileno, domain, callbacks, live=True)
+        await run_helper("save", link.fileno, domain, callbacks, live=True, postcopy=postcopy)
     except ToolstackError as exc:
-        if callbacks.abort_reason:
-            raise  # our own policy ended it: nothing to ask the receiver
+        if callbacks.abort_reason or switch.done:
+            raise  # our own policy ended it, or postcopy lost its link: nothing to ask
         reason = await _receivers_reason(link)
         raise MigrationFailed(f"destination failed: {reason}" if reason else str(exc)) from None
     await link.send_raw(libxl.encode_end())

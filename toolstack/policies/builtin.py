@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from protocol._gen_helper_msgs import PrecopyStats
 
-from .base import ABORT, CONTINUE, STOP, Decision, Policy, PolicyError
+from .base import ABORT, CONTINUE, POSTCOPY, STOP, Decision, Policy, PolicyError
 from .estimate import Estimator
 
-FALLBACKS = {"stop-and-copy": STOP, "abort": ABORT}
+FALLBACKS = {"stop-and-copy": STOP, "abort": ABORT, "postcopy": POSTCOPY}
 
 
 class XenPolicy(Policy):
