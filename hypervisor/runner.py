@@ -281,8 +281,9 @@ def main(argv=None) -> int:
     except FileNotFoundError:
         pass
     # Bind under a temporary name and rename: a client that sees the path
-    # can connect at once.
-    tmp = f"{args.control}.{os.getpid()}.tmp"
+    # can connect at once.  The temporary name is no longer than the final
+    # one (a unix socket's path has room for 107 octets).
+    tmp = os.path.join(os.path.dirname(args.control), f".{os.getpid()}.tmp")
     listener.bind(tmp)
     listener.listen(16)
     os.rename(tmp, args.control)

@@ -124,7 +124,7 @@ def _dec_Ready(value, where):
 class Location:
     """What the receiver knows of a migration."""
 
-    state: str  # running: the guest runs here with all its pages (committed); postcopy: it runs here but pages are still at the source; incoming: it is being built and has not run; absent: no such migration here
+    state: str  # running: the migration committed here (the guest ran here with all its pages, and may have moved on since: the sender's copy is stale either way); postcopy: it runs here but pages are still at the source; incoming: it is being built and has not run; absent: it never ran here
 
     def to_wire(self):
         return _enc_Location(self)

@@ -76,7 +76,9 @@ def where_it_runs(a, b) -> str:
         ("a", "source:go-out", "b"),
         ("a", "source:committed", "b"),
         ("b", "destination:receiving", "a"),
-        ("b", "destination:committed", "a"),
+        ("b", "state:write", "a"),  # the incoming guest's state file, before it runs
+        ("b", "destination:unpaused", "b"),
+        ("b", "destination:committed", "b"),
     ],
 )
 def test_a_daemon_killed_at_each_phase_leaves_exactly_one_copy(cluster, side, point, ends_on):
@@ -138,3 +140,67 @@ def test_an_operator_who_knows_the_guest_runs_elsewhere_destroys_the_copy(cluste
     assert listed(a) == {}
     b.start()
     assert listed(b) == {"vm1": "running"}  # the one copy left
+
+
+def test_a_source_back_after_the_guest_moved_on_destroys_its_stale_copy(cluster):
+    a, b = start_pair(cluster, "a", "source:go-out")
+    c = cluster.daemon("c")
+    thread = migrate_in_background(a, b)
+    wait_for_crash(a)
+    thread.join(120)
+    deadline = time.monotonic() + 15
+    while listed(b) != {"vm1": "running"}:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    ferry(b, "migrate", "vm1", c.address)  # it moves on while the source is down
+    assert listed(b) == {} and listed(c) == {"vm1": "running"}
+    a.start(env=dict(os.environ))
+    deadline = time.monotonic() + SETTLE
+    while listed(a):  # b still says it ran there: a's paused copy is stale
+        assert time.monotonic() < deadline, listed(a)
+        time.sleep(0.2)
+    assert listed(c) == {"vm1": "running"} and listed(b) == {}
+
+
+@pytest.mark.parametrize(
+    "phase, ends_on, says",
+    [
+        ("go-sent", "a", "No space left on device"),  # go never left: the source resumes
+        ("committed", "b", ""),  # the destination confirmed: the copy goes all the same
+    ],
+)
+def test_a_journal_that_cannot_be_written_around_go(cluster, phase, ends_on, says):
+    env = dict(os.environ, FERRY_TEST_FAULTS=f"fail@journal:source:{phase}=ENOSPC")
+    a, b = cluster.daemon("a", env=env), cluster.daemon("b")
+    a.call("create", config=DomainConfig(name="vm1", memory_bytes=32 * MiB, dirty_rate=20_000))
+    r = ferry(a, "migrate", "vm1", b.address, check=False)
+    assert r.returncode == (1 if says else 0), r.stderr
+    assert says in r.stderr and "Traceback" not in r.stderr
+    assert where_it_runs(a, b) == ends_on
+    assert os.listdir(os.path.join(a.state, "journal")) == []
+
+
+def test_concurrent_resolutions_settle_once(cluster):
+    a, b = start_pair(cluster, "a", "source:go-out")
+    thread = migrate_in_background(a, b)
+    wait_for_crash(a)
+    thread.join(120)
+    b.stop()
+    a.start(env=dict(os.environ))
+    assert listed(a) == {"vm1": "in-doubt"}
+    b.start()
+    outcomes = []
+    threads = [
+        threading.Thread(
+            target=lambda: outcomes.append(ferry(a, "migrate-resolve", "vm1", check=False))
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    settled = [r for r in outcomes if r.returncode == 0]
+    assert len(settled) <= 1, [r.stdout for r in settled]  # the background retry may win
+    assert all("not in doubt" in r.stderr for r in outcomes if r.returncode), outcomes
+    assert where_it_runs(a, b) == "b"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -84,3 +85,14 @@ def test_one_ferryd_per_state_dir(cluster):
     )
     assert r.returncode != 0 and "another ferryd runs on --state-dir" in r.stderr
     assert ferry(a, "list", "--json").stdout.strip() == "[]"  # the first serves on
+
+
+def test_the_deadline_table_in_the_docs_is_the_one_ferryd_uses():
+    from dataclasses import fields
+    from pathlib import Path
+
+    from toolstack.host.deadlines import Deadlines
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([\d.]+) s \|", text, re.M))
+    assert rows == {f.name: f"{f.default:g}" for f in fields(Deadlines)}

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
+import time
 
 import pytest
 from conftest import ferry, processes_mentioning
@@ -145,3 +147,102 @@ def test_refused_connections_are_logged_at_a_bounded_rate(cluster):
     with open(b.log) as f:
         refused = [line for line in f if "refused" in line or "ended" in line]
     assert 1 <= len(refused) <= 11, refused
+
+
+def test_a_name_too_long_for_a_runner_socket_is_refused_up_front(cluster, short_tmp):
+    from conftest import Cluster
+
+    from protocol._gen_control_msgs import DomainConfig
+
+    root = os.path.join(short_tmp, "x" * 30)  # a state dir of 52 octets
+    os.mkdir(root)
+    deep = Cluster(root)
+    try:
+        a, b = cluster.daemon("a"), deep.daemon("b", key=cluster.key)
+        name = "v" * 64  # a valid name, but STATE/domains/NAME.sock is 131 octets there
+        r = ferry(b, "create", name, "--memory", "16M", check=False)
+        assert r.returncode == 1 and "too long for this state directory" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and b.call("list") == []
+        a.call("create", config=DomainConfig(name=name, memory_bytes=16 * MiB))
+        r = ferry(a, "migrate", name, b.address, check=False)
+        assert r.returncode == 1 and "too long for this state directory" in r.stderr, r.stderr
+        assert [d.state for d in a.call("list")] == ["running"] and b.call("list") == []
+    finally:
+        deep.cleanup()
+
+
+def test_list_answers_in_time_while_a_runner_is_stopped(cluster):
+    from protocol._gen_control_msgs import DomainConfig
+
+    a = cluster.daemon("a", listen=False, args=["--deadline", "status=1"])
+    for name in ("vm1", "vm2", "vm3"):
+        a.call("create", config=DomainConfig(name=name, memory_bytes=16 * MiB))
+    (stopped,) = processes_mentioning(os.path.join(a.state, "domains", "vm2.sock"))
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        listed = {d["name"]: d["state"] for d in json.loads(ferry(a, "list", "--json").stdout)}
+        took = time.monotonic() - started
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert listed == {"vm1": "running", "vm2": "unreachable", "vm3": "running"}
+    assert took < 10  # one status deadline, not one per domain nor the runner's 30 s
+
+
+def test_at_most_64_connections_may_be_authenticating_at_once(cluster):
+    from peers import Peer
+
+    b = cluster.daemon("b", args=["--deadline", "handshake=20"])
+    silent = []
+    try:
+        for _ in range(64):  # each may hold its handshake for up to 20 s
+            silent.append(socket.create_connection(("127.0.0.1", b.port), timeout=15))
+        time.sleep(0.5)  # all 64 are accepted and waiting for their hello
+        with socket.create_connection(("127.0.0.1", b.port), timeout=15) as extra:
+            extra.settimeout(5)
+            assert extra.recv(4096) == b""  # closed at once, not after the 20 s
+        silent[0].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            silent[0].recv(1)  # the first ones still wait, open
+    finally:
+        for s in silent:
+            s.close()
+    time.sleep(0.5)
+    peer = Peer.connect(b.port)  # their places are free again
+    try:
+        peer.authenticate(open(cluster.key, "rb").read().strip())
+    finally:
+        peer.close()
+    with open(b.log) as f:
+        assert "are already authenticating" in f.read()
+
+
+def test_a_sender_silent_after_announcing_its_stream_is_cut_off(cluster):
+    import secrets
+
+    from peers import Peer
+
+    from protocol import _gen_migration_msgs as msgs
+    from protocol._gen_control_msgs import DomainConfig
+
+    b = cluster.daemon("b", args=["--deadline", "handshake=2"])
+    peer = Peer.connect(b.port)
+    try:
+        peer.authenticate(open(cluster.key, "rb").read().strip())
+        config = DomainConfig(name="vm1", memory_bytes=16 * MiB)
+        peer.call(msgs.Migrate(config=config, migration_id=secrets.token_hex(16)))
+        assert [d.name for d in b.call("list")] == ["vm1"]  # incoming, being built
+        peer.sock.sendall(peer.handshake.send_call(msgs.Stream()))
+        started = time.monotonic()
+        reply = peer.sock.recv(4096)  # then not one octet of the stream
+        while reply:
+            reply = peer.sock.recv(4096)  # a refusal, perhaps, then the line ends
+        assert time.monotonic() - started < 8  # the handshake deadline, not TCP's
+    finally:
+        peer.close()
+    deadline = time.monotonic() + 10
+    while b.call("list") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b.call("list") == [] and os.listdir(os.path.join(b.state, "journal")) == []
+    with open(b.log) as f:
+        assert "did not start within 2 s" in f.read()

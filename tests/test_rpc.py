@@ -25,6 +25,8 @@ HELPER_SAMPLES = {
     "complete": hm.Complete(0, 0, "", 0),
     "precopy_policy": hm.PrecopyPolicy(STATS),
     "restore_progress": hm.RestoreProgress(1024, 4202496),
+    "postcopy_transition": hm.PostcopyTransition(),
+    "postcopy_progress": hm.PostcopyProgress(300, 200, 50, 1 << 20, [120, 900]),
 }
 HELPER_REPLIES = {
     "suspend": True,
@@ -34,6 +36,7 @@ HELPER_REPLIES = {
     "switch_logdirty": True,
     "static_data_done": 0,
     "precopy_policy": hm.PrecopyDecision.STOP_AND_COPY,
+    "postcopy_transition": True,
 }
 WORKLOAD = rm.Workload(1000.0, 0.5, 0.2, 7)
 RUNNER_SAMPLES = {
@@ -53,6 +56,10 @@ RUNNER_SAMPLES = {
     "digest": (rm.Digest(), "ab" * 32),
     "destroy": (rm.Destroy(), None),
     "guest_check": (rm.GuestCheck(), "ok"),
+    "postcopy_register": (rm.PostcopyRegister(), 1 << 40),
+    "postcopy_done": (rm.PostcopyDone(), None),
+    "postcopy_set": (rm.PostcopySet(b"\x0f" + bytes(31)), None),
+    "postcopy_pending": (rm.PostcopyPending(), b"\x0f" + bytes(31)),
 }
 
 

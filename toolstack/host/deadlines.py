@@ -22,6 +22,7 @@ class Deadlines:
     go: float = 120.0  # receiver: from Ready to the sender's go
     running: float = 30.0  # sender: from go to the receiver's confirmation
     runner: float = 30.0  # one hypercall to a domain runner
+    status: float = 3.0  # a runner's state for list/info; after it, "unreachable"
     runner_long: float = 150.0  # a hypercall that reads all of RAM (digest, guest check)
     resolve: float = 15.0  # asking a peer what became of a migration (whereabouts)
 

@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .async_channel import AsyncChannel, ChannelError
 from .deadlines import DEADLINES
 
 RUNNER_START_TIMEOUT = 30.0
+MAX_SOCKET_PATH = 107  # octets in a unix socket path (sun_path less its NUL)
 DEFAULT_MAX_OVERCOMMIT = 1.0  # guest memory at most the host's RAM
 LONG_HYPERCALLS = (msgs.Digest, msgs.GuestCheck)  # they read all of guest RAM
 log = logging.getLogger("ferry.host")
@@ -39,6 +41,10 @@ log = logging.getLogger("ferry.host")
 
 class ToolstackError(Exception):
     """A user-facing failure of a toolstack operation, one line."""
+
+
+class RunnerGone(ToolstackError):
+    """The domain's runner is not there any more (its socket refuses or vanished)."""
 
 
 def workload(config: DomainConfig) -> msgs.Workload:
@@ -118,6 +124,8 @@ class Domain:
         """A connection of our own to the runner: `await link.pause()`."""
         try:
             stream = await trio.open_unix_socket(self.control_path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise RunnerGone(f"domain {self.name}: runner gone ({exc.strerror})") from None
         except OSError as exc:
             raise ToolstackError(
                 f"domain {self.name}: runner unreachable ({exc.strerror})"
@@ -251,6 +259,7 @@ class Host:
         its state file when its job commits."""
         if config.name in self.domains:
             raise ToolstackError(f"a domain named {config.name!r} already exists")
+        self.check_socket_fits(config.name)
         self.admit(config)
         domain = Domain(self, config)
         self.domains[config.name] = domain  # reserved while the runner starts
@@ -268,6 +277,18 @@ class Host:
             await self.destroy(domain)  # no runner without the daemon knowing it
             raise
         return domain
+
+    def check_socket_fits(self, name: str) -> None:
+        """A runner listens on STATE_DIR/domains/NAME.sock, and a unix socket's
+        path has room for MAX_SOCKET_PATH octets: refuse the name up front, not
+        after a runner failed to bind."""
+        path = os.fsencode(self.path(name, "sock"))
+        length = max(len(path), len(os.path.dirname(path)) + len(b"/.4194304.tmp"))  # runner.py
+        if length > MAX_SOCKET_PATH:
+            raise ToolstackError(
+                f"domain name {name!r} is too long for this state directory: its runner's "
+                f"socket path would be {length} octets, a unix socket allows {MAX_SOCKET_PATH}"
+            )
 
     def admit(self, config: DomainConfig) -> None:
         """Refuse a domain whose memory would overcommit this host."""
@@ -299,6 +320,11 @@ class Host:
         """An incoming domain ran (or was paused for good): it is an ordinary
         domain now, remembered across restarts."""
         await self.save_state(domain)
+        await self.release(domain)
+
+    async def release(self, domain: Domain) -> None:
+        """An incoming domain whose state file is written no longer needs the
+        connection that kept it from removing itself."""
         await self._drop_keeper(domain)
 
     async def _drop_keeper(self, domain: Domain) -> None:
@@ -363,6 +389,7 @@ class Host:
         move (the runner keeps listening on the renamed path)."""
         if name in self.domains:
             raise ToolstackError(f"cannot rename {domain.name}: {name} exists")
+        self.check_socket_fits(name)
         config = DomainConfig.from_wire({**domain.config.to_wire(), "name": name}, "rename")
         old = domain.name
 
@@ -439,11 +466,13 @@ class Host:
 
     async def info(self, domain: Domain) -> DomainInfo:
         """What `ferry list` shows; a runner that does not answer is 'unreachable'."""
-        try:
-            info = await domain.runner.getinfo()
-            state = info.state.name.lower()
-        except ToolstackError:
-            info, state = None, "unreachable"
+        info, state = None, "unreachable"
+        with trio.move_on_after(DEADLINES.status):  # one stalled runner must not stall list
+            try:
+                info = await domain.runner.getinfo()
+                state = info.state.name.lower()
+            except ToolstackError:
+                pass
         if domain.hold is not None:
             state = domain.hold.state
         elif domain.owner is not None and domain.owner.pause_reason is not None:
@@ -469,9 +498,10 @@ def _gib(octets: int) -> str:
 
 
 def write_private_file(path: str, data: bytes) -> None:
-    """`data` at `path`, atomically: a fresh temporary file created exclusively
-    (never through a link someone placed), private to its owner, fsynced, then
-    renamed over `path`."""
+    """`data` at `path`, durably and atomically: a fresh temporary file created
+    exclusively (never through a link someone placed), private to its owner,
+    fsynced, renamed over `path`, and the directory fsynced.  A failure leaves
+    no temporary file behind."""
     tmp = path + ".tmp"
     try:
         os.unlink(tmp)  # a leftover of a crash; unlink does not follow links
@@ -483,18 +513,35 @@ def write_private_file(path: str, data: bytes) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
-    except BaseException:
         os.close(fd)
-        os.unlink(tmp)
+        fd = -1
+        os.rename(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
-    os.close(fd)
-    os.rename(tmp, path)
+    sync_dir(os.path.dirname(path))
+
+
+def sync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_private_file(path: str, limit: int = 1 << 20) -> bytes:
-    """A state file's contents, not through a link, at most `limit` octets."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """A state file's contents, not through a link, not from a FIFO or a device
+    (opened without blocking, then checked), at most `limit` octets."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{os.path.basename(path)} is not a regular file")
         data = os.read(fd, limit + 1)
     finally:
         os.close(fd)

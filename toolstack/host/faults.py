@@ -10,7 +10,9 @@ in ferry's own configuration or API turns it on):
 Points are named where the code calls `point()`: each journalled migration
 phase (`source:precopy`, `source:suspended`, `source:go-sent`,
 `source:go-out`, `source:committed`, `destination:receiving`,
-`destination:committed`), `state:write` (a domain's state file),
+`destination:committed`), the same prefixed `journal:` before the
+record is written (`fail@journal:source:committed=ENOSPC`),
+`destination:unpaused` (the guest runs, the journal does not say so yet), `state:write` (a domain's state file),
 `runner:start`, `save:fsync`.
 """
 

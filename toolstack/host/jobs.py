@@ -63,6 +63,7 @@ class Job:
         self.error: str | None = None
         self.committed = False
         self._undo: list = []  # (description, async callable), run last-first on failure
+        self._after_commit: list = []  # (description, async callable) for a failure past it
         self._scope = trio.CancelScope()
         self._abort_reason: str | None = None
         # postcopy: a job that lost its link waits for a new one (resume) or an abort
@@ -106,6 +107,15 @@ class Job:
         """The commit point: the job's effect stands, nothing is undone after it."""
         self.committed = True
         self._undo.clear()
+
+    def if_failed_after_commit(self, what: str, step) -> None:
+        """A failure past the commit point runs `await step()` (shielded): not an
+        undo, a verdict (a source whose guest may run elsewhere goes in doubt)."""
+        self._after_commit.append((what, step))
+
+    def outcome_known(self) -> None:
+        """The job's outcome is settled: no failure-after-commit step is due."""
+        self._after_commit.clear()
 
     # -- operators ---------------------------------------------------------------------
     # -- postcopy's pause ------------------------------------------------------------
@@ -216,13 +226,19 @@ class Job:
         log.warning("%s of %s failed: %s", self.kind, self.stats.domain, message)
 
     async def _run_undo(self) -> None:
+        """The undo steps (or, past the commit point, the verdict steps); a step
+        that fails is logged and said in the job's error: never silent."""
+        steps = self._after_commit if self.committed else self._undo
         with trio.CancelScope(shield=True), trio.move_on_after(UNDO_TIMEOUT):
-            while self._undo:
-                what, undo = self._undo.pop()
+            while steps:
+                what, step = steps.pop()
                 try:
-                    await undo()
-                except Exception:
+                    await step()
+                except Exception as exc:
                     log.exception("%s of %s: could not %s", self.kind, self.stats.domain, what)
+                    said = str(exc) if isinstance(exc, ToolstackError) else f"could not {what}"
+                    self.error = one_line(f"{self.error}; and {said}", 1000)
+                    self.stats.error = self.error
 
 
 def describe(exc: BaseException) -> str:

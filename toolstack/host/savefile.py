@@ -30,7 +30,7 @@ from protocol._gen_control_msgs import DomainConfig
 from protocol._gen_runner_msgs import DomainState
 
 from . import faults
-from .domains import Domain, Host, ToolstackError, config_from_json, config_to_json
+from .domains import Domain, Host, RunnerGone, ToolstackError, config_from_json, config_to_json
 from .helper_job import HelperCallbacks, HelperFailed, run_helper
 from .jobs import Job
 from .stats import JobStats
@@ -118,13 +118,21 @@ async def is_running(domain: Domain) -> bool:
 async def resume_source(domain: Domain, was_running: bool) -> None:
     """After a failed save or migration: the guest is exactly as it was before
     it, log-dirty off and running only if it was running (unpause is a no-op
-    for a guest that never stopped)."""
+    for a guest that never stopped).  ToolstackError when its runner did not
+    do it (busy, stopped): the caller says so, the guest is not resumed on a
+    hope."""
     try:
         await domain.runner.logdirty_disable()
         if was_running:
             await domain.runner.unpause()
-    except ToolstackError:
+    except RunnerGone:
         pass  # the domain itself is gone; nothing left to resume
+    except ToolstackError as exc:
+        action = "unpause" if was_running else "check"
+        raise ToolstackError(
+            f"the source could not be resumed ({exc}): `ferry {action} {domain.name}` "
+            "once its runner answers"
+        ) from None
 
 
 def read_exact(fd: int, n: int, what: str) -> bytes:

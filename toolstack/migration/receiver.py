@@ -24,8 +24,9 @@ from protocol import NEED_DATA, RemoteProtocolError, auth, libxl
 from protocol import _gen_migration_msgs as msgs
 from protocol.handshake import RECEIVER, VERSION
 
-from ..host import HelperCallbacks, Job, JobStats, ToolstackError, run_helper
+from ..host import HelperCallbacks, Job, JobStats, ToolstackError, faults, run_helper
 from ..host.deadlines import DEADLINES
+from ..host.domains import INCONSISTENT
 from ..host.jobs import PostcopyAborted
 from .journal import DESTINATION, Record
 from .link import LinkError, MigrationLink
@@ -36,6 +37,7 @@ from .site import Site
 log = logging.getLogger("ferry.migrate")
 LIBXL_PREFIX = libxl.HEADER.size + 8  # the libxl header and LIBXC_CONTEXT
 refusals = RateLimitedLog(log, per_minute=10)
+MAX_UNAUTHENTICATED = 64  # connections authenticating at once; more are closed at once
 
 
 class Refused(Exception):
@@ -44,10 +46,11 @@ class Refused(Exception):
 
 async def serve_migration(site: Site, stream) -> None:
     """One incoming connection; never raises for a bad or vanishing peer."""
+    peer = peer_name(stream)
     link = MigrationLink(stream, RECEIVER)
     handed_over = False
     try:
-        await authenticate(link, site.key)
+        await authenticate_within_cap(site, link)
         call = await link.next_call(DEADLINES.handshake, "a migrate request")
         if isinstance(call.message, msgs.Whereabouts):
             state = await site.resolver.whereabouts(call.message.name, call.message.migration_id)
@@ -57,9 +60,9 @@ async def serve_migration(site: Site, stream) -> None:
         else:
             await receive(site, link, call.message)
     except Refused as exc:
-        refusals.warning("migration connection from %s refused: %s", peer_name(stream), exc)
+        refusals.warning("migration connection from %s refused: %s", peer, exc)
     except LinkError as exc:
-        log.warning("migration connection from %s ended: %s", peer_name(stream), exc)
+        refusals.warning("migration connection from %s ended: %s", peer, exc)
     finally:
         if not handed_over:
             await link.aclose()
@@ -77,6 +80,19 @@ async def hand_to_paused_job(site: Site, link: MigrationLink, request) -> bool:
     await link.answer()
     job.resume_with(link)
     return True
+
+
+async def authenticate_within_cap(site: Site, link: MigrationLink) -> None:
+    """At most MAX_UNAUTHENTICATED peers at a time may be proving themselves:
+    anyone who can reach the port could otherwise hold a task and a socket
+    each for the handshake deadline, as many as they like."""
+    if site.unauthenticated >= MAX_UNAUTHENTICATED:
+        raise Refused(f"{MAX_UNAUTHENTICATED} connections are already authenticating")
+    site.unauthenticated += 1
+    try:
+        await authenticate(link, site.key)
+    finally:
+        site.unauthenticated -= 1
 
 
 async def authenticate(link: MigrationLink, key: bytes) -> None:
@@ -108,6 +124,13 @@ async def receive(site: Site, link: MigrationLink, request) -> None:
     if request.postcopy and not site.postcopy[0]:
         await link.refuse(f"this host cannot serve postcopy: {site.postcopy[1]}")
         return
+    try:
+        site.host.check_socket_fits(config.name)
+        if request.postcopy:  # an aborted postcopy renames it; that must not fail then
+            site.host.check_socket_fits(config.name + INCONSISTENT)
+    except ToolstackError as exc:
+        await link.refuse(str(exc))
+        return
     stats = JobStats("migrate-receive", config.name, config.memory_bytes)
     stats.peer = peer_name(link.stream)
     job = Job(stats)
@@ -118,7 +141,8 @@ async def receive(site: Site, link: MigrationLink, request) -> None:
         try:
             await _build(site, job, link, request)
         except BaseException as exc:
-            await link.refuse(str(exc) or "the destination failed")
+            if not job.committed:  # past it, a refusal would resume a source whose guest ran here
+                await link.refuse(str(exc) or "the destination failed")
             raise
 
     await site.run_job(job, work)
@@ -161,24 +185,43 @@ async def _build(site: Site, job: Job, link: MigrationLink, request) -> None:
 
     stats.phase = "waiting for go"
     await link.next_call(DEADLINES.go, "go")
-    await journal.record(record, "committed")
-    await run_guest(site, job, domain)
+    await run_guest(site, job, domain, link, record)
     stats.finish("completed")
-    try:
-        await link.answer()
-    except LinkError:
-        pass  # the guest runs here; the sender will ask (whereabouts)
     log.info("incoming migration of %s complete: the guest runs here", domain.name)
 
 
-async def run_guest(site: Site, job: Job, domain) -> None:
-    """The commit, in the order a crash cannot break: the journal says so
-    (written by the caller), the state file exists, then the guest runs."""
+async def run_guest(site: Site, job: Job, domain, link: MigrationLink, record=None) -> None:
+    """The commit, in the order a crash cannot break: the state file exists,
+    the job is committed (no failure undoes the guest from here), the guest
+    runs, the journal says it ran here (`record`; a postcopy's caller wrote
+    its own phase before), then the sender hears it.  A crash before the
+    unpause leaves an incoming runner, which removes itself: the guest never
+    ran here.  A crash after it leaves a running domain with its state file,
+    which the restarted daemon adopts and journals as committed (resolve.py).
+    Shielded: an abort that raced the commit cannot cut it short."""
     await site.host.save_state(domain)  # a guest that runs here is one this daemon knows
-    await domain.runner.unpause()
-    await site.host.commit(domain)
     job.commit()
-    job.stats.resumed_ns = time.monotonic_ns()
+    with trio.CancelScope(shield=True):
+        await domain.runner.unpause()
+        job.stats.resumed_ns = time.monotonic_ns()
+        await site.host.release(domain)
+        await faults.reached("destination:unpaused")
+        if record is not None:
+            await journal_ran_here(site, record)
+        try:
+            with trio.move_on_after(DEADLINES.handshake):
+                await link.answer()
+        except LinkError:
+            pass  # the guest runs here; the sender will ask (whereabouts)
+
+
+async def journal_ran_here(site: Site, record) -> None:
+    """ "The guest ran here", for good: the answer to whereabouts from now on.
+    Not writing it is survivable (the restart finds the running domain)."""
+    try:
+        await site.journal.record(record, "committed")
+    except ToolstackError as exc:
+        log.error("%s runs here, but %s", record.name, exc)
 
 
 class RunGuest:
@@ -194,13 +237,9 @@ class RunGuest:
         self.job.stats.phase = "waiting for go"
         await self.link.next_call(DEADLINES.go, "go")
         await self.site.journal.record(self.record, "postcopy")
-        await run_guest(self.site, self.job, self.domain)
-        self.job.stats.record_switch()
         self.done = True
-        try:
-            await self.link.answer()
-        except LinkError:
-            pass  # the guest runs; a lost link pauses postcopy, the sender resumes it
+        await run_guest(self.site, self.job, self.domain, self.link)
+        self.job.stats.record_switch()
         return True
 
 
@@ -255,7 +294,10 @@ async def continue_receiving(site: Site, job: Job, domain, record, why: str) -> 
 
 async def read_libxl_prefix(link: MigrationLink) -> None:
     decoder = libxl.LibxlDecoder(inner=False)
-    decoder.feed(await link.receive_exact(LIBXL_PREFIX))
+    with trio.move_on_after(DEADLINES.handshake) as scope:
+        decoder.feed(await link.receive_exact(LIBXL_PREFIX))
+    if scope.cancelled_caught:
+        raise ToolstackError(f"the sender's stream did not start within {DEADLINES.handshake:g} s")
     if decoder.next_event() != libxl.LibxlHeader() or decoder.next_event() != libxl.LibxcContext():
         raise RemoteProtocolError("the stream does not start with a libxl header and LIBXC_CONTEXT")
 

@@ -12,9 +12,11 @@ would lose it.  The journal says what can be true:
     committed             it runs at the destination        destroy our copy
 
     destination phase     what can be true                 what we do
-    receiving             it never ran here                 remove the incoming domain
+    receiving             it never ran here, unless its     remove the record, but keep a
+                          runner runs (crashed after the    running domain: committed
+                          unpause)
     postcopy              it runs here, lacking pages       postcopy is paused: wait for resume
-    committed             it runs here if its runner does   keep it (or forget the record)
+    committed             it ran here (it may have left)    keep the record (30 days)
 
 A paused postcopy is a job again after a restart: `ferry migrate NAME
 HOST:PORT --resume` goes on with it, `ferry job-control NAME abort` ends it.
@@ -42,7 +44,7 @@ from ..host.deadlines import DEADLINES
 from ..host.domains import Hold
 from ..host.savefile import resume_source
 from ..host.stats import Postcopy
-from .journal import DESTINATION, SOURCE, Record
+from .journal import DESTINATION, KEEP_COMMITTED, SOURCE, Record
 from .link import LinkError, PeerRefused
 from .receiver import continue_receiving
 from .sender import authenticate, connect, continue_postcopy
@@ -57,13 +59,15 @@ class Resolver:
     def __init__(self, site: Site) -> None:
         self.site = site
         self.doubts: dict[str, Record] = {}  # domain name -> the record in doubt
+        self._locks: dict[str, trio.Lock] = {}  # one verdict at a time per domain
         self._wake = trio.Event()
 
     # -- after a restart ----------------------------------------------------------------
     async def resolve_journal(self) -> None:
         """Every record the journal holds: destination records at once (they
         need nobody), source records by asking their peers in the background."""
-        records, problems = self.site.journal.load()
+        await trio.to_thread.run_sync(self.site.journal.clean)
+        records, problems = await trio.to_thread.run_sync(self.site.journal.load)
         for line in problems:
             log.error("%s (left in place)", line)
         for record in records:
@@ -74,9 +78,18 @@ class Resolver:
 
     async def _settle_destination(self, record: Record) -> None:
         domain = self.site.host.domains.get(record.name)
-        if record.phase == "committed" and domain is not None:
-            log.info("%s arrived by migration %s: it runs here", record.name, record.migration_id)
-            return  # kept: the sender may still ask about it
+        if record.phase == "committed":
+            if self.site.journal.age(record.migration_id) > KEEP_COMMITTED:
+                await self.site.journal.remove(record.migration_id)
+            return  # kept: "the guest ran here" stays true after it leaves
+        if record.phase == "receiving" and domain is not None:
+            # reattach adopts only a runner that left INCOMING: it was unpaused,
+            # so the guest ran here and the crash came before the journal said so
+            await self.site.journal.record(record, "committed")
+            log.info(
+                "%s: incoming migration %s had committed; kept", record.name, record.migration_id
+            )
+            return
         if record.phase == "postcopy" and domain is not None:
             self.adopt_paused(domain, record, "ferryd restarted during postcopy")
             return
@@ -148,22 +161,32 @@ class Resolver:
                     await self.resolve(name)
                 except ToolstackError as exc:
                     log.info("%s still in doubt: %s", name, exc)
+                except Exception:  # a bug, or a host refusing (a read-only journal...)
+                    log.exception("%s still in doubt: resolving it failed", name)
             delay = RETRY_FIRST if not self.doubts else min(delay * 2, RETRY_MAX)
 
     async def resolve(self, name: str, force: str = "") -> str:
         """Settle the migration `name` is in doubt about; the outcome in a line.
-        `force` ("resume" or "destroy") is an operator's decision, taken without asking."""
-        record = self.doubts.get(name)
-        domain = self.site.host.domains.get(name)
-        if record is None or domain is None:
-            raise ToolstackError(f"{name} is not in doubt: nothing to resolve")
+        `force` ("resume" or "destroy") is an operator's decision, taken without
+        asking.  One verdict at a time per domain: a background retry and an
+        operator cannot both settle it, the second finds it settled."""
+        lock = self._locks.setdefault(name, trio.Lock())
+        async with lock:
+            record = self.doubts.get(name)
+            domain = self.site.host.domains.get(name)
+            if record is None or domain is None or domain.owner is not None:
+                raise ToolstackError(f"{name} is not in doubt: nothing to resolve")
+            return await self._verdict(name, domain, record, force)
+
+    async def _verdict(self, name: str, domain: Domain, record: Record, force: str) -> str:
         if force == "resume":
             return await self._resume(domain, record, "forced by the operator")
         if force == "destroy":
             return await self._destroy(domain, record, "forced by the operator")
         state = await self._ask(record)
         if state == "running":
-            return await self._destroy(domain, record, f"the guest runs at {record.peer}")
+            # it committed there (and may have moved on since): ours is stale
+            return await self._destroy(domain, record, f"the guest committed at {record.peer}")
         if state == "postcopy":
             await self.site.journal.record(record, "postcopy")
             domain.hold = None
@@ -196,7 +219,7 @@ class Resolver:
         return location.state
 
     async def _resume(self, domain: Domain, record: Record, why: str) -> str:
-        await resume_source(domain, record.was_running)
+        await resume_source(domain, record.was_running)  # raises when it could not: still in doubt
         return await self._settled(domain, record, f"resumed here: {why}")
 
     async def _destroy(self, domain: Domain, record: Record, why: str) -> str:
@@ -206,25 +229,28 @@ class Resolver:
     async def _settled(self, domain: Domain, record: Record, outcome: str) -> str:
         await self.site.journal.remove(record.migration_id)
         domain.hold = None
-        self.doubts.pop(domain.name, None)
-        message = f"{domain.name}: migration {record.migration_id} resolved, {outcome}"
+        self.doubts.pop(record.name, None)
+        message = f"{record.name}: migration {record.migration_id} resolved, {outcome}"
         log.info("%s", message)
+        job = self.site.jobs.get(record.name)
+        if job is not None and job.migration_id == record.migration_id and not job.running:
+            job.stats.error = f"{job.stats.error}; later {message}"  # ferry job tells the end
         return message
 
     # -- the receiver's answer ----------------------------------------------------------------
     async def whereabouts(self, name: str, migration_id: str) -> str:
-        """Where migration `migration_id` of `name` left the guest, as this
-        destination knows it: running, incoming (not decided yet) or absent."""
+        """What migration `migration_id` of `name` did here: "running" once it
+        committed here (for good: the guest may have moved on since, and the
+        sender's copy is stale either way), "postcopy" while it runs here
+        lacking pages, "incoming" while it is not decided, "absent" when it
+        never ran here."""
         job = self.site.jobs.get(name)
         if job is not None and job.migration_id == migration_id and job.running:
             with trio.move_on_after(SETTLE):
                 await job.done.wait()
-            if job.running:
+            if job.running and job.pause_reason is None and not job.committed:
                 return "incoming"
-        records, _problems = await trio.to_thread.run_sync(self.site.journal.load)
-        for record in records:
-            if record.migration_id == migration_id and record.role == DESTINATION:
-                domain = self.site.host.domains.get(name)
-                if domain is not None and record.name == name and record.phase != "receiving":
-                    return "running" if record.phase == "committed" else "postcopy"
-        return "absent"
+        record = await self.site.journal.find(migration_id)
+        if record is None or record.role != DESTINATION or record.name != name:
+            return "absent"
+        return {"committed": "running", "postcopy": "postcopy"}.get(record.phase, "incoming")

@@ -115,6 +115,8 @@ async def open_resume(site: Site, job: Job, address: str) -> MigrationLink:
 
 async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verify: bool) -> None:
     stats, journal = job.stats, site.journal
+    if job.postcopy_allowed:  # an aborted postcopy renames it; that must not fail then
+        site.host.check_socket_fits(domain.name + INCONSISTENT)
     was_running = await is_running(domain)
     record = Record(
         secrets.token_hex(16),
@@ -162,17 +164,38 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
 
     await journal.record(record, "go-sent")
     await link.send_call(msgs.Go())
-    # "go" is out: the guest may run at the destination from now on, so no
-    # failure may resume the source on a guess.
-    job.commit()
+    commit_after_go(site, job, domain, record)
     await faults.reached("source:go-out")
     await wait_until_running(site, job, domain, link, record)
-    await journal.record(record, "committed")
+    await journal_committed(journal, record)
     stats.resumed_ns = time.monotonic_ns()
     _record_verify(stats, verify, ready, source_digest)
     await site.host.destroy(domain)
     await journal.remove(record.migration_id)
+    job.outcome_known()
     stats.finish("completed")
+
+
+async def journal_committed(journal, record) -> None:
+    """The destination confirmed: our copy goes.  The record spares a crash
+    before the destroy a question to the destination; without it (a full
+    disk) the destroy is as safe, and a restart finds the copy gone."""
+    try:
+        await journal.record(record, "committed")
+    except ToolstackError as exc:
+        log.error("%s: %s; destroying our copy all the same", record.name, exc)
+
+
+def commit_after_go(site: Site, job: Job, domain: Domain, record) -> None:
+    """ "go" is out: the guest may run at the destination from now on.  No
+    failure resumes the source on a guess any more; any failure until the
+    outcome is known leaves it in doubt (resolve.py asks the destination)."""
+    job.commit()
+
+    async def keep_in_doubt() -> None:
+        site.resolver.in_doubt(domain, record, f"{job.error or 'no outcome'} after 'go'")
+
+    job.if_failed_after_commit("keep the source in doubt", keep_in_doubt)
 
 
 class Switch:
@@ -193,7 +216,7 @@ class Switch:
             raise MigrationFailed(f"destination failed: {exc}") from None
         await journal.record(self.record, "go-sent")
         await self.link.send_call(msgs.Go())
-        job.commit()
+        commit_after_go(self.site, job, self.domain, self.record)
         await faults.reached("source:go-out")
         await wait_until_running(self.site, job, self.domain, self.link, self.record)
         await journal.record(self.record, "postcopy")
@@ -220,9 +243,10 @@ async def finish_postcopy(site: Site, job: Job, domain: Domain, link, record) ->
         log.warning("%s: no account from the destination (%s)", domain.name, exc)
     if stats.postcopy.ended_ns is None:
         stats.postcopy.ended_ns = time.monotonic_ns()
-    await site.journal.record(record, "committed")
+    await journal_committed(site.journal, record)
     await site.host.destroy(domain)
     await site.journal.remove(record.migration_id)
+    job.outcome_known()
     stats.finish("completed")
 
 
@@ -238,6 +262,7 @@ async def continue_postcopy(site: Site, job: Job, domain: Domain, record, why: s
             link = await job.pause(why)
         except PostcopyAborted:
             await mark_inconsistent(site, domain, record)
+            job.outcome_known()
             raise PostcopyAborted(
                 f"postcopy aborted: the guest runs at {record.peer} without all of its pages; "
                 f"the rest stay here in {domain.name}, paused and kept for inspection"
@@ -257,7 +282,11 @@ async def mark_inconsistent(site: Site, domain: Domain, record) -> None:
     """xl's rename for a copy that must never run again as it is."""
     name = domain.name if domain.name.endswith(INCONSISTENT) else domain.name + INCONSISTENT
     if name != domain.name:
-        await site.host.rename(domain, name)
+        try:
+            await site.host.rename(domain, name)
+        except (ToolstackError, OSError) as exc:  # the held name says the same
+            log.error("%s: not renamed (%s); held under its own name", domain.name, exc)
+            name = domain.name
     domain.hold = inconsistent_hold(name)
     await site.journal.remove(record.migration_id)
     log.warning(
@@ -267,13 +296,16 @@ async def mark_inconsistent(site: Site, domain: Domain, record) -> None:
 
 async def wait_until_running(site, job, domain, link, record) -> None:
     """The receiver's answer to go: it runs the guest, it could not (the
-    source resumes), or no answer (in doubt until the destination says)."""
+    source resumes), or no answer (in doubt until the destination says).
+    Shielded: an abort that raced the commit point cannot cut it short."""
     try:
-        await link.reply(DEADLINES.running, "confirmation that the guest runs")
+        with trio.CancelScope(shield=True):
+            await link.reply(DEADLINES.running, "confirmation that the guest runs")
     except PeerRefused as exc:
-        # The receiver refuses go only before its guest ever ran: safe to resume here.
+        # The receiver refuses go only before it commits: its guest never ran.
         await resume_source(domain, record.was_running)
         await site.journal.remove(record.migration_id)
+        job.outcome_known()
         raise MigrationFailed(
             f"{domain.name}: the destination could not start the guest ({exc}); "
             "the source runs on as it was"

@@ -20,10 +20,8 @@ class Site:
     budget_ms: float = DEFAULT_BUDGET_MS
     start_job: object = None  # start_job(job, work): run a job in the daemon's nursery
     resolver: object = None  # the daemon's Resolver (resolve.py), for in-doubt outcomes
-    postcopy: tuple[bool, str] = (
-        False,
-        "not probed",
-    )  # can this host serve page faults, or why not
+    postcopy: tuple[bool, str] = (False, "not probed")  # can this host serve faults, or why not
+    unauthenticated: int = 0  # connections still proving they hold the key
 
     async def run_job(self, job: Job, work) -> None:
         """Start a job and wait until it ends."""
