@@ -37,8 +37,16 @@ from protocol.postcopy import ForwardRules, ReturnRules
 
 from .fdio import StreamClosed
 
-MIN_PUSH = 64  # pages in a batch just after a fault (Otto's batch size)
-NOTSENT_LOWAT = 64 << 10  # octets queued unsent at most: requests do not wait behind pushes
+# A requested page queues behind whatever push data is already on its way:
+# the batch being written and the sockets' buffers.  While the guest faults,
+# both stay small (measured on loopback here: 64 pages and 64 KiB give fault
+# p50 ~0.9 ms, p99 ~2.2 ms; 4 MiB batches and autotuned buffers 7-17 ms);
+# after a quiet spell they grow again, so the push does not crawl.
+MIN_PUSH = 64  # pages in a batch while faults come (Otto's batch size)
+MAX_PUSH = MAX_BATCH_PAGES  # pages in a batch after a quiet spell
+QUIET_NS = 50_000_000  # no fault for this long: a quiet spell
+SMALL_BUFFER, LARGE_BUFFER = 64 << 10, 1 << 20  # socket buffers, busy and quiet
+NOTSENT_LOWAT = 64 << 10  # octets queued unsent at most before the sender may write more
 PROGRESS_INTERVAL = 0.2  # s between postcopy_progress messages
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
@@ -130,10 +138,13 @@ class PostcopySender:
         self.requests: deque[int] = deque()  # indices into pfns, as the faults came
         self.cursor = 0  # where the background push goes on
         self.push = MIN_PUSH
+        self.last_fault = time.monotonic_ns()
         self.pushed = self.requested = 0
         self.rules = rules or ReturnRules()
         self.incoming = incoming or RecordStream(saver.writer.fd, return_decoder(saver.pages))
         self.incoming.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        self.buffer = 0
+        self.set_buffer(SMALL_BUFFER)
         self.started_octets = saver.writer.written
         self.last_progress = 0.0
 
@@ -174,6 +185,14 @@ class PostcopySender:
             if not self.sent[i] and not self.queued[i]:
                 self.queued[i] = True
                 self.requests.append(i)
+        self.last_fault = time.monotonic_ns()
+        self.push = MIN_PUSH
+        self.set_buffer(SMALL_BUFFER)
+
+    def set_buffer(self, size: int) -> None:
+        if size != self.buffer:
+            self.buffer = size
+            self.incoming.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     def send_next(self) -> None:
         if self.requests:
@@ -184,12 +203,13 @@ class PostcopySender:
                     take.append(i)
             if take:
                 self.cursor = (take[-1] + 1) % len(self.pfns)  # push on from the last fault
-                self.push = MIN_PUSH
                 self.requested += self.send(np.sort(np.array(take)))
                 return
         index = self.next_unsent(self.push)
         self.pushed += self.send(index)
-        self.push = min(self.push * 2, MAX_BATCH_PAGES)  # no fault came: bigger batches
+        if time.monotonic_ns() - self.last_fault > QUIET_NS:  # quiet: bigger batches
+            self.push = min(self.push * 2, MAX_PUSH)
+            self.set_buffer(LARGE_BUFFER)
 
     def next_unsent(self, count: int) -> np.ndarray:
         """Up to `count` unsent indices from the cursor on, wrapping once."""
@@ -233,6 +253,7 @@ class PostcopyReceiver:
         self.latencies: list[int] = []  # us, since the last progress message
         self.requested = 0
         self.stream = RecordStream(restorer.reader.fd, restorer.decoder)
+        self.stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
         self.last_progress = 0.0
 
     def serve(self) -> None:
