@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import select
+import socket
+from collections import deque
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -51,6 +53,61 @@ class FdWriter:
                     n = 0
         self.written += total
         return total
+
+
+class Outbox:
+    """Records for a socket this process must never block on: during postcopy
+    pages flow one way and faults the other, and two sides each blocked
+    writing to a full buffer the other does not read would wait forever.
+    `put` queues a record (and, optionally, what to do once it is all out);
+    `flush` writes what the socket takes now; the caller polls for POLLOUT
+    while `pending`.  Octets are counted in the writer's `written`."""
+
+    def __init__(self, sock: socket.socket, writer: FdWriter) -> None:
+        self.sock, self.writer = sock, writer
+        self.queue: deque = deque()  # memoryviews, and callables run once reached
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.queue)
+
+    def put(self, buffers: list, then=None) -> None:
+        self.queue.extend(v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes)
+        if then is not None:
+            self.queue.append(then)
+
+    def flush(self) -> None:
+        while self.queue:
+            if callable(self.queue[0]):
+                self.queue.popleft()()
+                continue
+            views = []
+            for item in self.queue:
+                if callable(item) or len(views) == IOV_MAX:
+                    break
+                views.append(item)
+            try:
+                n = self.sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise StreamClosed(f"stream closed by the other host ({exc.strerror})") from None
+            self.writer.written += n
+            while n:
+                head = self.queue[0]
+                if n >= head.nbytes:
+                    n -= head.nbytes
+                    self.queue.popleft()
+                else:
+                    self.queue[0] = head[n:]
+                    n = 0
+
+    def drain(self) -> None:
+        """Flush everything, waiting for room (when nothing needs reading meanwhile)."""
+        self.flush()
+        while self.pending:
+            _wait(self.sock.fileno(), select.POLLOUT)
+            self.flush()
 
 
 class FdReader:

@@ -7,12 +7,19 @@ next ones), batches growing while no fault comes, shrinking at a fault.
 Every pfn of the set goes exactly once.  When all are out the source waits
 for POSTCOPY_COMPLETE, the destination's word that it holds them all.
 
-Destination (`PostcopyReceiver`): one loop polls the stream and the
-userfaultfd.  A fault on a page of the set is asked for (POSTCOPY_FAULT)
-once; a page that arrives is installed with UFFDIO_COPY, which wakes its
-waiters; a fault on a page outside the set is a page that holds nothing:
-a zero page is put there at once.  Once every page is in place:
-POSTCOPY_COMPLETE, then the source's END.
+Destination (`PostcopyReceiver`): at the switch the runner unmapped guest
+RAM and registered it for missing and minor faults, so every page faults
+until it is put in place, while precopy's pages stay in the memfd: nothing
+is punched or copied while the guest waits.  One loop polls the stream and
+the userfaultfd.  A fault on a page of the set is asked for
+(POSTCOPY_FAULT) once; a page that arrives is written to the memfd over
+its stale version and mapped (UFFDIO_CONTINUE), or copied in where the
+memfd has a hole (UFFDIO_COPY); either wakes its waiters.  Pages outside
+the set are good where precopy left them (`PrecopyPages`): a fault on one
+maps it at once, and between polls they are mapped in pfn order, a large
+chunk at a time; one the memfd lacks never held data: a zero page.  Once
+every page of the set is in place: POSTCOPY_COMPLETE, then the source's
+END (the runner unregisters: what is left unmapped the kernel maps).
 
 The stream socket carries both directions; this module reads only as many
 octets as the next record needs, so nothing after the libxc END is taken.
@@ -21,7 +28,6 @@ Postcopy runs over sockets only (a save file has no return direction).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import socket
@@ -33,25 +39,24 @@ import numpy as np
 from hypervisor import uffd
 from protocol import NEED_DATA, RemoteProtocolError, libxc
 from protocol.limits import MAX_BATCH_PAGES, PAGE_SIZE
+from protocol.pfnsets import sorted_distinct
 from protocol.postcopy import ForwardRules, ReturnRules
 
-from .fdio import StreamClosed
+from .fdio import Outbox, StreamClosed
 
 # A requested page queues behind whatever push data is already on its way:
 # the batch being written and the sockets' buffers.  While the guest faults,
 # both stay small (measured on loopback here: 64 pages and 64 KiB give fault
 # p50 ~0.9 ms, p99 ~2.2 ms; 4 MiB batches and autotuned buffers 7-17 ms);
 # after a quiet spell they grow again, so the push does not crawl.
-MIN_PUSH = 64  # pages in a batch while faults come (Otto's batch size)
+MIN_PUSH = 16  # pages in a batch while faults come (Otto's batch size)
 MAX_PUSH = MAX_BATCH_PAGES  # pages in a batch after a quiet spell
 QUIET_NS = 50_000_000  # no fault for this long: a quiet spell
 SMALL_BUFFER, LARGE_BUFFER = 64 << 10, 1 << 20  # socket buffers, busy and quiet
 NOTSENT_LOWAT = 64 << 10  # octets queued unsent at most before the sender may write more
 PROGRESS_INTERVAL = 0.2  # s between postcopy_progress messages
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+UNMAP_BATCH = 4096  # sent pages unmapped at once at the source (RSS bounded by 16 MiB)
+MAP_CHUNK = 2048  # precopy's pages mapped between two polls (~0.6 ms)
 
 
 def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
@@ -118,7 +123,7 @@ def read_resume_list(incoming: RecordStream, rules: ReturnRules) -> np.ndarray:
             if pfns is not None:
                 raise RemoteProtocolError("POSTCOPY_FAULT before POSTCOPY_RESUME_END")
     listed = np.concatenate(rules.lacking) if rules.lacking else np.empty(0, np.uint64)
-    return np.unique(listed)
+    return sorted_distinct(listed)[0]
 
 
 class PostcopySender:
@@ -143,17 +148,30 @@ class PostcopySender:
         self.rules = rules or ReturnRules()
         self.incoming = incoming or RecordStream(saver.writer.fd, return_decoder(saver.pages))
         self.incoming.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        self.outbox = Outbox(self.incoming.sock, saver.writer)
+        self.to_unmap: list[np.ndarray] = []  # sent pages still mapped here
         self.buffer = 0
         self.set_buffer(SMALL_BUFFER)
         self.started_octets = saver.writer.written
         self.last_progress = 0.0
 
     def run(self) -> None:
+        """Until every page is out and the destination said COMPLETE: read its
+        faults whenever they come, write pages whenever the socket has room
+        (never blocking on it: the destination may be writing faults to us)."""
+        poller = select.poll()
+        sock = self.incoming.sock.fileno()
         try:
-            while not (self.unsent == 0 and self.rules.complete):
-                self.read_requests(timeout=0 if self.unsent else PROGRESS_INTERVAL)
-                if self.unsent:
-                    self.send_next()
+            while self.unsent or self.outbox.pending or not self.rules.complete:
+                sending = self.unsent or self.outbox.pending
+                poller.register(sock, select.POLLIN | (select.POLLOUT if sending else 0))
+                ready = dict(poller.poll(PROGRESS_INTERVAL * 1000)).get(sock, 0)
+                if ready & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    self.read_requests()
+                if ready & select.POLLOUT:  # fewer than NOTSENT_LOWAT octets wait unsent
+                    if not self.outbox.pending:
+                        self.send_next()  # requested pages first
+                    self.outbox.flush()
                 self.say_progress()
         finally:
             self.incoming.close()
@@ -163,11 +181,7 @@ class PostcopySender:
     def unsent(self) -> int:
         return len(self.pfns) - self.pushed - self.requested
 
-    def read_requests(self, timeout: float) -> None:
-        poller = select.poll()
-        poller.register(self.incoming.sock.fileno(), select.POLLIN)
-        if not poller.poll(timeout * 1000):
-            return
+    def read_requests(self) -> None:
         for event in self.incoming.available():
             pfns = self.rules.event(event, self.incoming.decoder.offset)
             if pfns is not None:
@@ -222,13 +236,24 @@ class PostcopySender:
         return np.sort(found)
 
     def send(self, index: np.ndarray) -> int:
+        """Queue one POSTCOPY_PAGE_DATA record; once it is out, our mapping of
+        its pages goes (they would count in this helper's RSS)."""
         pfns = self.pfns[index]
         views = self.saver.prepare_batch(pfns, sweep=False)
-        self.saver.writer.writev(libxc.encode_page_data(pfns, views, postcopy=True))
-        for first, count in runs(pfns):
-            self.saver.memory.unmap(first, count)
+
+        self.outbox.put(libxc.encode_page_data(pfns, views, postcopy=True), then=self.unmap_later)
+        self.to_unmap.append(pfns)
         self.sent[index] = True
         return len(index)
+
+    def unmap_later(self) -> None:
+        """Our mapping of sent pages goes in bulk (it would count in this
+        helper's RSS), off the path of a requested page."""
+        if sum(len(p) for p in self.to_unmap) >= UNMAP_BATCH or not self.unsent:
+            sent = np.concatenate(self.to_unmap)
+            first, end = int(sent.min()), int(sent.max()) + 1
+            self.saver.memory.unmap(first, end - first)  # one call: pages between are shared too
+            self.to_unmap = []
 
     def say_progress(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -239,40 +264,87 @@ class PostcopySender:
             self.saver.link.postcopy_progress(len(self.pfns), done, self.requested, octets, [])
 
 
+class PrecopyPages:
+    """Destination: pages outside the postcopy set that the memfd holds from
+    precopy, mapped under the guest (see the module doc).  `todo` marks those
+    not mapped yet; mapping one twice is skipped by the kernel (EEXIST), so a
+    fault racing the cursor is harmless."""
+
+    def __init__(self, uffd_fd: int, base: int, todo: np.ndarray) -> None:
+        self.uffd, self.base, self.todo = uffd_fd, base, todo
+        self.cursor = 0  # pages below it are mapped (or never were to be)
+
+    @property
+    def done(self) -> bool:
+        return self.cursor >= len(self.todo)
+
+    def fault(self, pfn: int) -> bool:
+        """Map `pfn` now if precopy left it; False when it never held data."""
+        if not self.todo[pfn]:
+            return False
+        self.map(pfn, 1)
+        return True
+
+    def map_next(self) -> None:
+        """The next MAP_CHUNK pages, in pfn order."""
+        end = min(self.cursor + MAP_CHUNK, len(self.todo))
+        for first, count in runs(np.flatnonzero(self.todo[self.cursor : end]) + self.cursor):
+            self.map(first, count)
+        self.cursor = end
+
+    def map(self, first: int, count: int) -> None:
+        uffd.continue_(self.uffd, self.base + first * PAGE_SIZE, count * PAGE_SIZE)
+        self.todo[first : first + count] = False
+
+
 class PostcopyReceiver:
     """The destination side after the transition (see the module doc)."""
 
-    def __init__(self, restorer, rules: ForwardRules, uffd_fd: int, base: int) -> None:
+    def __init__(
+        self, restorer, rules: ForwardRules, uffd_fd: int, base: int, precopy: PrecopyPages
+    ) -> None:
         self.restorer = restorer
         self.rules = rules
         self.uffd = uffd_fd
         self.base = base
+        self.precopy = precopy
+        self.stale = restorer.stored  # pages the memfd holds: a set page there is stale
         self.pages = restorer.memory.pages
         self.asked = np.zeros(len(rules.pfns), bool)
         self.waiting: dict[int, int] = {}  # pfn -> when its first fault was read (ns)
         self.latencies: list[int] = []  # us, since the last progress message
         self.requested = 0
         self.stream = RecordStream(restorer.reader.fd, restorer.decoder)
-        self.stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        self.outbox = Outbox(self.stream.sock, restorer.writer)  # faults: never block on them
         self.last_progress = 0.0
 
     def serve(self) -> None:
         poller = select.poll()
-        poller.register(self.stream.sock.fileno(), select.POLLIN)
+        sock = self.stream.sock.fileno()
         poller.register(self.uffd, select.POLLIN)
         try:
             while self.rules.remaining:
-                ready = {fd for fd, _ in poller.poll(PROGRESS_INTERVAL * 1000)}
+                poller.register(
+                    sock, select.POLLIN | (select.POLLOUT if self.outbox.pending else 0)
+                )
+                wait = 0 if not self.precopy.done else PROGRESS_INTERVAL * 1000
+                ready = dict(poller.poll(wait))
                 if self.uffd in ready:
                     self.on_faults()
-                if self.stream.sock.fileno() in ready:
+                if ready.get(sock, 0) & (select.POLLIN | select.POLLHUP | select.POLLERR):
                     self.on_records()
+                self.outbox.flush()
+                if not self.precopy.done:
+                    self.precopy.map_next()
                 self.say_progress()
             # First the runner lets the kernel serve what is left (pages never
             # written, outside the set), then the source hears it is over.
             self.restorer.domain.postcopy_done()
-            self.restorer.writer.writev(libxc.encode_marker(libxc.REC_POSTCOPY_COMPLETE))
+            self.outbox.put(libxc.encode_marker(libxc.REC_POSTCOPY_COMPLETE))
+            self.outbox.drain()  # the source reads all the time: it waits for this
             self.say_progress(force=True)
+            poller.unregister(self.uffd)
+            poller.register(sock, select.POLLIN)
             self.read_to_end(poller)
         finally:
             self.stream.close()
@@ -287,7 +359,8 @@ class PostcopyReceiver:
             page = self.base + pfn * PAGE_SIZE
             i = int(np.searchsorted(self.rules.pfns, pfn))
             if i >= len(self.rules.pfns) or int(self.rules.pfns[i]) != pfn:
-                uffd.zeropage(self.uffd, page, PAGE_SIZE)  # never held data: zero it is
+                if not self.precopy.fault(pfn):
+                    uffd.zeropage(self.uffd, page, PAGE_SIZE)  # never held data: zero it is
                 continue
             if self.rules.sent[i]:
                 uffd.wake(self.uffd, page, PAGE_SIZE)  # arrived meanwhile
@@ -298,8 +371,9 @@ class PostcopyReceiver:
                 ask.append(pfn)
         for start in range(0, len(ask), MAX_BATCH_PAGES):
             chunk = ask[start : start + MAX_BATCH_PAGES]
-            self.restorer.writer.writev(libxc.encode_pfn_list(chunk, fault=True))
+            self.outbox.put(libxc.encode_pfn_list(chunk, fault=True))
             self.requested += len(chunk)
+        self.outbox.flush()  # before anything else: the guest waits
 
     def on_records(self) -> None:
         for event in self.stream.available():
@@ -308,13 +382,23 @@ class PostcopyReceiver:
                 self.install(event)
 
     def install(self, event: libxc.PageData) -> None:
-        """Put a batch's pages in place (the rules have checked each is new)."""
+        """Put a batch's pages in place (the rules have checked each is new):
+        over a stale version the memfd holds, write then map; into a hole, copy."""
         data = np.frombuffer(event.data, np.uint8)
         source = data.ctypes.data
         position = 0
-        for first, count in runs(event.pfns):
+        memfd, octets = self.restorer.memory.fd, memoryview(event.data)
+        pfn_runs = [(int(event.pfns[0]), 1)] if len(event.pfns) == 1 else runs(event.pfns)
+        for first, count in pfn_runs:
             length = count * PAGE_SIZE
-            uffd.copy(self.uffd, self.base + first * PAGE_SIZE, source + position, length)
+            for start, n, stale in split_by(self.stale, first, count):
+                at = position + (start - first) * PAGE_SIZE
+                address = self.base + start * PAGE_SIZE
+                if stale:
+                    write_all(memfd, octets[at : at + n * PAGE_SIZE], start * PAGE_SIZE)
+                    uffd.continue_(self.uffd, address, n * PAGE_SIZE)
+                else:
+                    uffd.copy(self.uffd, address, source + at, n * PAGE_SIZE)
             position += length
         now = time.monotonic_ns()
         for pfn in event.pfns.tolist():
@@ -346,30 +430,41 @@ class PostcopyReceiver:
             )
 
 
-def lacking_pages(memory, bitmap: bytes) -> np.ndarray:
-    """Recovery, at the destination: pages of the set (a bitmap) not in place yet.
-    A page in place holds data in the memfd; one still to come is a hole."""
-    expected = np.flatnonzero(np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little"))
-    expected = expected[expected < memory.pages].astype(np.uint64)
-    present = np.zeros(len(expected), bool)
+def set_from_bitmap(bitmap: bytes, pages: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")[:pages]
+    return bits.astype(bool)
+
+
+def present(memory) -> np.ndarray:
+    """Which pages hold data in `memory`'s memfd (the rest are holes)."""
+    held = np.zeros(memory.pages, bool)
     for first, end in memory.data_extents():
-        present |= (expected >= first) & (expected < end)
-    return expected[~present]
+        held[first:end] = True
+    return held
+
+
+def split_by(mask: np.ndarray, first: int, count: int):
+    """(start, count, value) of each stretch of first..first+count-1 where
+    `mask` is constant."""
+    if count == 1:
+        yield first, 1, bool(mask[first])
+        return
+    values = mask[first : first + count]
+    breaks = np.flatnonzero(values[1:] != values[:-1]) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [count]))
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        yield first + s, e - s, bool(values[s])
+
+
+def write_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwritev(fd, [view], offset)
+        view, offset = view[n:], offset + n
 
 
 def set_bitmap(pfns: np.ndarray, pages: int) -> bytes:
     bits = np.zeros(pages, np.uint8)
     bits[pfns.astype(np.intp)] = 1
     return np.packbits(bits, bitorder="little").tobytes()
-
-
-def punch_holes(memfd: int, pfns: np.ndarray) -> None:
-    """Make pages missing again: a page of the set that precopy had sent holds
-    stale data, and a present page never faults.  Punched, it faults until
-    its newest version is installed."""
-    for first, count in runs(np.sort(pfns)):
-        if _libc.fallocate(
-            memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, first * PAGE_SIZE, count * PAGE_SIZE
-        ):
-            err = ctypes.get_errno()
-            raise OSError(err, f"punching stale pages: {os.strerror(err)}")

@@ -20,7 +20,7 @@ from protocol.limits import MAX_BATCH_PAGES, PAGE_SIZE
 from protocol.postcopy import ForwardRules
 
 from .fdio import FdReader, FdWriter
-from .postcopy import PostcopyReceiver, lacking_pages, punch_holes, set_bitmap
+from .postcopy import PostcopyReceiver, PrecopyPages, present, set_bitmap, set_from_bitmap
 from .toolstack_link import ToolstackLink
 
 PROGRESS_INTERVAL = 0.2  # s between restore_progress messages while pages arrive
@@ -36,6 +36,7 @@ class Restorer:
         self.memory = domain.map_guest_memory(writable=True)
         self.decoder = libxc.LibxcDecoder(max_pfns=self.memory.pages, start_offset=stream_offset)
         self.written = np.zeros(self.memory.pages, dtype=bool)  # pfns this restore wrote
+        self.stored = np.zeros(self.memory.pages, dtype=bool)  # ...into the memfd (not skipped)
         self.pages_written = 0
         self.context: bytes | None = None
         self.params: dict[int, int] = {}
@@ -61,10 +62,12 @@ class Restorer:
                     self.link.static_data_done(0)
                 case libxc.Marker(type=libxc.REC_END):
                     break
-                case libxc.Marker(type=libxc.REC_POSTCOPY_BEGIN) | libxc.PfnList():
+                case (
+                    libxc.Marker(type=libxc.REC_POSTCOPY_BEGIN)
+                    | libxc.Marker(type=libxc.REC_POSTCOPY_PFNS_BEGIN)
+                    | libxc.PfnList()
+                ):
                     pass  # the rules keep the set
-                case libxc.Marker(type=libxc.REC_POSTCOPY_PFNS_BEGIN):
-                    self.uffd, self.base = self.domain.register_postcopy()
                 case libxc.Marker(type=libxc.REC_POSTCOPY_TRANSITION):
                     self.run_postcopy()
                     break
@@ -90,24 +93,33 @@ class Restorer:
         self.domain.set_context(self.context)
 
     def run_postcopy(self) -> None:
-        """The transition: pages of the set that precopy had sent are stale and
-        must fault again, the vCPU context goes in, the toolstack runs the
-        guest, then its pages are served until every one is in place."""
-        punch_holes(self.memory.fd, self.rules.pfns[self.written[self.rules.pfns.astype(np.intp)]])
-        # kept by the runner: a helper that replaces this one learns what is still to come
+        """The transition: the runner keeps the set (for a helper that may
+        replace this one), the vCPU context goes in, the runner unmaps guest
+        RAM and registers it (every page faults until put in place), the
+        toolstack runs the guest, then pages are served until every one of
+        the set is in place."""
+        in_set = np.zeros(self.memory.pages, bool)
+        in_set[self.rules.pfns.astype(np.intp)] = True
         self.domain.postcopy_set(set_bitmap(self.rules.pfns, self.memory.pages))
         self.load_context()
+        self.uffd, self.base = self.domain.register_postcopy()
+        precopy = PrecopyPages(self.uffd, self.base, self.stored & ~in_set)
         if not self.link.postcopy_transition():
             raise RemoteProtocolError("the toolstack did not run the guest: postcopy cancelled")
-        PostcopyReceiver(self, self.rules, self.uffd, self.base).serve()
+        PostcopyReceiver(self, self.rules, self.uffd, self.base, precopy).serve()
 
     def resume_postcopy(self) -> None:
         """Recovery: this helper replaces one that died or lost its link.  It
         wakes every waiting vCPU first (a fault the old helper had read is not
         delivered again: woken, the vCPU faults anew), tells the source which
-        pages of the set are still holes here, and serves them until done."""
+        pages of the set are not in place here (not mapped under the guest:
+        the memfd may hold a stale version), and serves them until done."""
         self.uffd, self.base = self.domain.register_postcopy()
-        lacking = lacking_pages(self.memory, self.domain.postcopy_pending())
+        in_set = set_from_bitmap(self.domain.postcopy_pending(), self.memory.pages)
+        mapped = set_from_bitmap(self.domain.postcopy_mapped(), self.memory.pages)
+        self.stored = present(self.memory)
+        lacking = np.flatnonzero(in_set & ~mapped).astype(np.uint64)
+        precopy = PrecopyPages(self.uffd, self.base, self.stored & ~in_set & ~mapped)
         uffd.wake(self.uffd, self.base, self.memory.size)
         for start in range(0, len(lacking), MAX_BATCH_PAGES):
             self.writer.writev(
@@ -116,7 +128,7 @@ class Restorer:
         self.writer.writev(libxc.encode_marker(libxc.REC_POSTCOPY_RESUME_END))
         self.decoder = libxc.LibxcDecoder(max_pfns=self.memory.pages, records_only=True)
         self.rules = ForwardRules.resumed(lacking)
-        PostcopyReceiver(self, self.rules, self.uffd, self.base).serve()
+        PostcopyReceiver(self, self.rules, self.uffd, self.base, precopy).serve()
         self.link.restore_results(self.pages_written, 0, 0)
 
     def say_progress(self) -> None:
@@ -149,6 +161,7 @@ class Restorer:
         words = np.frombuffer(event.data, dtype=np.uint64).reshape(len(pfns), PAGE_SIZE // 8)
         keep = words.any(axis=1) | self.written[pfns]
         self.written[pfns] = True
+        self.stored[pfns[keep]] = True
         self.pages_written += len(pfns)
         for first, last in runs(np.flatnonzero(keep), pfns):
             chunk = event.data[first * PAGE_SIZE : (last + 1) * PAGE_SIZE]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hypervisor import GuestMemory, RunnerClient
-from protocol import libxc
+from protocol import libxc, pfnsets
 from protocol._gen_helper_msgs import PrecopyDecision, PrecopyStats
 from protocol.limits import MAX_BATCH_PAGES, PAGE_SIZE
 from protocol.postcopy import ReturnRules
@@ -179,7 +179,7 @@ class Saver:
         those this iteration had not reached yet."""
         self.suspend_domain()
         dirty, _count = self.dirty_pfns()
-        final = np.union1d(dirty, unsent).astype(np.uint64)
+        final = pfnsets.union(self.pages, dirty, unsent)
         self.link.say(
             LOG_INFO, "save", f"stop and copy: {len(final)} pages to send while suspended"
         )
@@ -203,7 +203,7 @@ class Saver:
         self.disable_logdirty()
         if self.progress.iteration == 0 and len(unsent):
             unsent = unsent[holds_data(unsent, self.memory.data_extents())]
-        pfns = np.union1d(dirty, unsent).astype(np.uint64)
+        pfns = pfnsets.union(self.pages, dirty, unsent)
         self.link.say(
             LOG_INFO, "save", f"postcopy: {len(pfns)} pages will follow the guest to its new host"
         )

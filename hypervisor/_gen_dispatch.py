@@ -8,7 +8,7 @@ pass decoded calls to `dispatch()`; it returns the reply value."""
 from __future__ import annotations
 
 from protocol._gen_runner_msgs import *  # noqa: F403
-from protocol._gen_runner_msgs import Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck, PostcopyRegister, PostcopyDone, PostcopySet, PostcopyPending
+from protocol._gen_runner_msgs import Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck, PostcopyRegister, PostcopyDone, PostcopySet, PostcopyPending, PostcopyMapped
 
 
 class RunnerHandlers:
@@ -67,11 +67,11 @@ class RunnerHandlers:
         raise NotImplementedError("guest_check")
 
     def on_postcopy_register(self) -> int:
-        """Postcopy: create a userfaultfd over guest RAM's mapping (an incoming domain's; later calls hand out the same one, for a resumed postcopy; the runner keeps its own fd for the domain's life). The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
+        """Postcopy's switch, for an incoming domain: guest RAM's mapping drops every page (the memfd keeps precopy's) and a userfaultfd is registered over it for missing and minor faults, so that every page faults until a helper puts it in place.  Later calls hand out the same userfaultfd (a resumed postcopy); the runner keeps its own fd for the domain's life.  The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
         raise NotImplementedError("postcopy_register")
 
     def on_postcopy_done(self) -> None:
-        """Postcopy: every page is in place; the guest's accesses need no care any more."""
+        """Postcopy: every page of the set is in place; the guest's accesses need no care any more (the kernel maps what the memfd holds)."""
         raise NotImplementedError("postcopy_done")
 
     def on_postcopy_set(self, bitmap: bytes) -> None:
@@ -81,6 +81,10 @@ class RunnerHandlers:
     def on_postcopy_pending(self) -> bytes:
         """Postcopy: the bitmap given to postcopy_set (empty once postcopy_done)."""
         raise NotImplementedError("postcopy_pending")
+
+    def on_postcopy_mapped(self) -> bytes:
+        """Postcopy: which pages are mapped under the guest (a bitmap, bit p for page p): in place for good.  A helper that takes over from a dead one asks, since a page of the set the memfd holds may be its stale precopy version."""
+        raise NotImplementedError("postcopy_mapped")
 
     def dispatch(self, message):
         return self._ROUTES[type(message)](self, message)
@@ -103,4 +107,5 @@ class RunnerHandlers:
         PostcopyDone: lambda h, m: h.on_postcopy_done(),
         PostcopySet: lambda h, m: h.on_postcopy_set(m.bitmap),
         PostcopyPending: lambda h, m: h.on_postcopy_pending(),
+        PostcopyMapped: lambda h, m: h.on_postcopy_mapped(),
     }

@@ -8,7 +8,7 @@ blocks for it and returns its value (raising on an error reply)."""
 from __future__ import annotations
 
 from protocol._gen_runner_msgs import *  # noqa: F403
-from protocol._gen_runner_msgs import Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck, PostcopyRegister, PostcopyDone, PostcopySet, PostcopyPending
+from protocol._gen_runner_msgs import Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck, PostcopyRegister, PostcopyDone, PostcopySet, PostcopyPending, PostcopyMapped
 
 
 class RunnerStubs:
@@ -70,11 +70,11 @@ class RunnerStubs:
         return self.channel.call(GuestCheck())
 
     def postcopy_register(self) -> int:
-        """Postcopy: create a userfaultfd over guest RAM's mapping (an incoming domain's; later calls hand out the same one, for a resumed postcopy; the runner keeps its own fd for the domain's life). The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
+        """Postcopy's switch, for an incoming domain: guest RAM's mapping drops every page (the memfd keeps precopy's) and a userfaultfd is registered over it for missing and minor faults, so that every page faults until a helper puts it in place.  Later calls hand out the same userfaultfd (a resumed postcopy); the runner keeps its own fd for the domain's life.  The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
         return self.channel.call(PostcopyRegister())
 
     def postcopy_done(self) -> None:
-        """Postcopy: every page is in place; the guest's accesses need no care any more."""
+        """Postcopy: every page of the set is in place; the guest's accesses need no care any more (the kernel maps what the memfd holds)."""
         return self.channel.call(PostcopyDone())
 
     def postcopy_set(self, bitmap: bytes) -> None:
@@ -84,6 +84,10 @@ class RunnerStubs:
     def postcopy_pending(self) -> bytes:
         """Postcopy: the bitmap given to postcopy_set (empty once postcopy_done)."""
         return self.channel.call(PostcopyPending())
+
+    def postcopy_mapped(self) -> bytes:
+        """Postcopy: which pages are mapped under the guest (a bitmap, bit p for page p): in place for good.  A helper that takes over from a dead one asks, since a page of the set the memfd holds may be its stale precopy version."""
+        return self.channel.call(PostcopyMapped())
 
 
 class AsyncRunnerStubs:
@@ -145,11 +149,11 @@ class AsyncRunnerStubs:
         return await self.channel.call(GuestCheck())
 
     async def postcopy_register(self) -> int:
-        """Postcopy: create a userfaultfd over guest RAM's mapping (an incoming domain's; later calls hand out the same one, for a resumed postcopy; the runner keeps its own fd for the domain's life). The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
+        """Postcopy's switch, for an incoming domain: guest RAM's mapping drops every page (the memfd keeps precopy's) and a userfaultfd is registered over it for missing and minor faults, so that every page faults until a helper puts it in place.  Later calls hand out the same userfaultfd (a resumed postcopy); the runner keeps its own fd for the domain's life.  The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
         return await self.channel.call(PostcopyRegister())
 
     async def postcopy_done(self) -> None:
-        """Postcopy: every page is in place; the guest's accesses need no care any more."""
+        """Postcopy: every page of the set is in place; the guest's accesses need no care any more (the kernel maps what the memfd holds)."""
         return await self.channel.call(PostcopyDone())
 
     async def postcopy_set(self, bitmap: bytes) -> None:
@@ -159,3 +163,7 @@ class AsyncRunnerStubs:
     async def postcopy_pending(self) -> bytes:
         """Postcopy: the bitmap given to postcopy_set (empty once postcopy_done)."""
         return await self.channel.call(PostcopyPending())
+
+    async def postcopy_mapped(self) -> bytes:
+        """Postcopy: which pages are mapped under the guest (a bitmap, bit p for page p): in place for good.  A helper that takes over from a dead one asks, since a page of the set the memfd holds may be its stale precopy version."""
+        return await self.channel.call(PostcopyMapped())

@@ -18,6 +18,7 @@ from protocol.limits import PAGE_SIZE
 from . import uffd
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
+PAGEMAP_PRESENT_OR_SWAPPED = (1 << 63) | (1 << 62)
 
 
 class GuestMemory:
@@ -42,6 +43,27 @@ class GuestMemory:
         # reads or writes guest RAM through numpy holds the GIL and would freeze
         # this whole process on a missing page, so it calls ensure_present first.
         self.pages_pending = False
+
+    def mapped(self) -> np.ndarray:
+        """Which pages this process's mapping maps now (/proc/self/pagemap:
+        present, or swapped out).  Postcopy's truth for a helper that takes
+        over: a page is mapped under the guest only once it is in place."""
+        entries = np.empty(self.pages, "<u8")
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            offset = self.address // PAGE_SIZE * 8
+            view = memoryview(entries).cast("B")
+            while view:
+                n = os.pread(f.fileno(), len(view), offset)
+                if not n:
+                    raise OSError(f"short read of /proc/self/pagemap at {offset}")
+                view[: len(n)] = n
+                view, offset = view[len(n) :], offset + len(n)
+        return (entries & PAGEMAP_PRESENT_OR_SWAPPED) != 0
+
+    def drop_mappings(self) -> None:
+        """Unmap every page from this process's mapping (MADV_DONTNEED; the
+        memfd keeps them): under a userfaultfd, each faults until mapped again."""
+        self.map.madvise(mmap.MADV_DONTNEED, 0, self.size)
 
     def ensure_present(self, pfns) -> None:
         """Wait, without the GIL, for pages that may not have arrived yet."""

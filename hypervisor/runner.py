@@ -21,6 +21,8 @@ import socket
 import sys
 import threading
 
+import numpy as np
+
 from protocol import Call, RemoteProtocolError
 from protocol import _gen_runner_msgs as msgs
 from protocol._gen_runner_msgs import DomainInfo, DomainState, Workload
@@ -133,9 +135,16 @@ class Runner(RunnerHandlers):
                 if self.state != DomainState.INCOMING:
                     raise BackendError("postcopy_register needs an incoming domain")
                 self.uffd = uffd.create()
+                self.memory.drop_mappings()  # precopy's pages stay in the memfd, unmapped
                 uffd.register(self.uffd, self.memory.address, self.memory.size)
                 self.memory.pages_pending = True
         return self.memory.address  # the fd travels with the reply (passes_fd)
+
+    def on_postcopy_mapped(self) -> bytes:
+        """Which pages are in place under the guest (a bitmap, bit p for page p)."""
+        if not self.memory.pages_pending:
+            raise BackendError("no postcopy in progress")
+        return np.packbits(self.memory.mapped(), bitorder="little").tobytes()
 
     def on_postcopy_set(self, bitmap: bytes) -> None:
         if len(bitmap) != -(-self.memory.pages // 8):

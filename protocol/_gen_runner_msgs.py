@@ -533,7 +533,7 @@ GuestCheck.SPEC = MessageSpec(
 
 @dataclass(frozen=True, slots=True)
 class PostcopyRegister:
-    """Postcopy: create a userfaultfd over guest RAM's mapping (an incoming domain's; later calls hand out the same one, for a resumed postcopy; the runner keeps its own fd for the domain's life). The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
+    """Postcopy's switch, for an incoming domain: guest RAM's mapping drops every page (the memfd keeps precopy's) and a userfaultfd is registered over it for missing and minor faults, so that every page faults until a helper puts it in place.  Later calls hand out the same userfaultfd (a resumed postcopy); the runner keeps its own fd for the domain's life.  The reply carries the fd and answers the mapping's address: faults report addresses there, pages are installed there."""
 
     SPEC: ClassVar[MessageSpec]
 
@@ -562,7 +562,7 @@ PostcopyRegister.SPEC = MessageSpec(
 
 @dataclass(frozen=True, slots=True)
 class PostcopyDone:
-    """Postcopy: every page is in place; the guest's accesses need no care any more."""
+    """Postcopy: every page of the set is in place; the guest's accesses need no care any more (the kernel maps what the memfd holds)."""
 
     SPEC: ClassVar[MessageSpec]
 
@@ -649,4 +649,33 @@ PostcopyPending.SPEC = MessageSpec(
 )
 
 
-TABLE = {spec.id: spec for spec in (m.SPEC for m in (Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck, PostcopyRegister, PostcopyDone, PostcopySet, PostcopyPending,))}
+@dataclass(frozen=True, slots=True)
+class PostcopyMapped:
+    """Postcopy: which pages are mapped under the guest (a bitmap, bit p for page p): in place for good.  A helper that takes over from a dead one asks, since a page of the set the memfd holds may be its stale precopy version."""
+
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return []
+
+    @classmethod
+    def from_args(cls, args):
+        check_list(args, "postcopy_mapped", 0)
+        return cls(
+        )
+
+
+def _dec_PostcopyMapped_reply(value, where):
+    return check_bytes(value, where)
+
+
+def _enc_PostcopyMapped_reply(value):
+    return value
+
+
+PostcopyMapped.SPEC = MessageSpec(
+    18, 'postcopy_mapped', DIRECTION, 'any', True, False, PostcopyMapped, _dec_PostcopyMapped_reply, _enc_PostcopyMapped_reply
+)
+
+
+TABLE = {spec.id: spec for spec in (m.SPEC for m in (Getinfo, Pause, Unpause, LogdirtyEnable, LogdirtyDisable, LogdirtyClean, LogdirtyPeek, GetContext, SetContext, MapMemory, Digest, Destroy, GuestCheck, PostcopyRegister, PostcopyDone, PostcopySet, PostcopyPending, PostcopyMapped,))}

@@ -36,6 +36,7 @@ import numpy as np
 
 from . import libxc
 from .errors import RemoteProtocolError
+from .pfnsets import sorted_distinct
 
 PRECOPY, CONTEXT, PFNS, PAGES, ENDED = "precopy", "context", "pfns", "pages", "ended"
 
@@ -57,7 +58,7 @@ class ForwardRules:
         """A resumed stream: only the pages still lacking may come, each once."""
         rules = cls()
         rules.state = PAGES
-        rules.pfns = np.unique(np.asarray(lacking, np.uint64))
+        rules.pfns, _ = sorted_distinct(lacking)
         rules.sent = np.zeros(len(rules.pfns), bool)
         return rules
 
@@ -115,6 +116,8 @@ class ForwardRules:
     def page_data(self, pfns: np.ndarray, offset: int) -> np.ndarray:
         """Mark `pfns` sent: each must be in the set and not sent before.
         Returns their indices in the set."""
+        if len(pfns) == 1:  # a faulted page, alone: the common case, kept cheap
+            return self._one_page(int(pfns[0]), offset)
         index = np.searchsorted(self.pfns, pfns)
         inside = index < len(self.pfns)
         announced = inside.copy()
@@ -131,11 +134,21 @@ class ForwardRules:
         self.sent_count += len(index)
         return index
 
+    def _one_page(self, pfn: int, offset: int) -> np.ndarray:
+        i = int(np.searchsorted(self.pfns, pfn))
+        if i >= len(self.pfns) or int(self.pfns[i]) != pfn:
+            raise RemoteProtocolError(f"pfn {pfn:#x} was not announced for postcopy", offset)
+        if self.sent[i]:
+            raise RemoteProtocolError(f"postcopy pfn {pfn:#x} sent twice", offset)
+        self.sent[i] = True
+        self.sent_count += 1
+        return np.array([i])
+
     def _close_set(self, offset: int) -> None:
         listed = np.concatenate(self._listed) if self._listed else np.empty(0, np.uint64)
         self._listed = []
-        self.pfns = np.unique(listed)
-        if len(self.pfns) != len(listed):
+        self.pfns, repeated = sorted_distinct(listed)
+        if repeated:
             raise RemoteProtocolError("a pfn is listed twice in POSTCOPY_PFNS", offset)
         self.sent = np.zeros(len(self.pfns), bool)
 

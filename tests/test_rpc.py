@@ -60,6 +60,7 @@ RUNNER_SAMPLES = {
     "postcopy_done": (rm.PostcopyDone(), None),
     "postcopy_set": (rm.PostcopySet(b"\x0f" + bytes(31)), None),
     "postcopy_pending": (rm.PostcopyPending(), b"\x0f" + bytes(31)),
+    "postcopy_mapped": (rm.PostcopyMapped(), b"\x03" + bytes(31)),
 }
 
 

@@ -1,0 +1,29 @@
+"""Sets of pfns as sorted numpy arrays, built without np.unique.
+
+np.unique and np.union1d take 15-45 ms for 100,000 pfns with the numpy
+this project runs on (measured here), several times a sort; during a
+switchover every millisecond is downtime.  A stream's lists are usually
+sorted already (ferry's sender sends them so), which a linear check sees.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def union(pages: int, *arrays: np.ndarray) -> np.ndarray:
+    """The sorted union of pfn arrays, every pfn below `pages` (a bitmap)."""
+    bits = np.zeros(pages, bool)
+    for pfns in arrays:
+        bits[np.asarray(pfns, np.intp)] = True
+    return np.flatnonzero(bits).astype(np.uint64)
+
+
+def sorted_distinct(pfns: np.ndarray) -> tuple[np.ndarray, bool]:
+    """`pfns` sorted with each pfn once, and whether any came more than once."""
+    pfns = np.asarray(pfns, np.uint64)
+    if len(pfns) < 2 or bool((pfns[1:] > pfns[:-1]).all()):
+        return pfns, False
+    ordered = np.sort(pfns)
+    first = np.concatenate(([True], ordered[1:] != ordered[:-1]))
+    return ordered[first], not bool(first.all())
