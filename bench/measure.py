@@ -8,6 +8,7 @@ page to hold data.
 
 from __future__ import annotations
 
+import os
 import time
 
 from hypervisor import RunnerClient
@@ -16,6 +17,7 @@ from toolstack.harness import LocalHosts
 from toolstack.host.domains import domain_path
 
 SOURCE, DESTINATION = 0, 1
+FILL_CHUNK = 64 << 20
 
 
 def start_hosts() -> LocalHosts:
@@ -43,6 +45,28 @@ def fill(hosts: LocalHosts, host: int, name: str) -> None:
         ram.bytes[:] = 0x5A
         ram.close()
         runner.unpause()
+
+
+def fill_from(hosts: LocalHosts, host: int, name: str, path: str) -> None:
+    """Copy a file of the domain's size (random bytes: nothing to compress or
+    skip) into every page of a paused domain, then let it run."""
+    with RunnerClient(domain_path(hosts.daemons[host].state, name, "sock")) as runner:
+        ram = runner.map_guest_memory(writable=True)
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != ram.size:
+                    raise ValueError(f"{path} does not hold {ram.size} octets")
+                for offset in range(0, ram.size, FILL_CHUNK):
+                    os.pwrite(ram.fd, f.read(FILL_CHUNK), offset)
+        finally:
+            ram.close()
+        runner.unpause()
+
+
+def state(hosts: LocalHosts, host: int, name: str) -> str:
+    """running, paused, ... (DomainInfo.state)."""
+    with hosts.daemons[host].client() as daemon:
+        return daemon.info(name=name).state
 
 
 def unpause(hosts: LocalHosts, host: int, name: str) -> None:

@@ -347,14 +347,28 @@ def migration_report(memory_bytes: int, channels: int, seconds: float, info: dic
 
 
 def variant(samples: list[dict]) -> dict:
-    best = max(samples, key=lambda s: s["mb_s"])
+    """Best of the rounds, each figure on its own: the highest MB/s and the
+    lowest downtime (not necessarily the same round's); every sample kept."""
+    downtimes = [s["downtime_ms"] for s in samples if s.get("downtime_ms") is not None]
     return {
-        "best_mb_s": best["mb_s"],
-        "downtime_ms": best["downtime_ms"],
+        "best_mb_s": max(s["mb_s"] for s in samples),
+        "best_downtime_ms": min(downtimes) if downtimes else None,
         "samples_mb_s": [s["mb_s"] for s in samples],
-        "samples_downtime_ms": [s["downtime_ms"] for s in samples],
+        "samples_downtime_ms": [s.get("downtime_ms") for s in samples],
         "samples": samples,
     }
+
+
+def peer_migration(memory_bytes: int, channels: int, workdir: str) -> dict:
+    """qemu_migration, any failure of it a QemuPeerError: a QEMU that cannot
+    even be started (not executable), a QMP reply that is not JSON or lacks a
+    figure, must not fail the bench either."""
+    try:
+        return qemu_migration(memory_bytes, channels, workdir)
+    except QemuPeerError:
+        raise
+    except Exception as exc:  # the peer is reported, never fatal
+        raise QemuPeerError(f"{VARIANTS[channels]}: {type(exc).__name__}: {exc}") from None
 
 
 def peers_section(
@@ -364,37 +378,47 @@ def peers_section(
     ferry_round: Callable[[], dict] | None = None,
 ) -> dict:
     """QEMU's one connection and multifd-2 migrations, `rounds` times each,
-    after a round of `ferry_round` (ferry's own migration) when given, so
-    that a noisy spell on this machine weighs on both."""
+    each round after one of `ferry_round` (ferry's own migration of as much
+    RAM) when given, so that a noisy spell on this machine weighs on both.
+
+    A QEMU failure ends the section as {"failed": why} (with ferry's samples
+    so far, if any); what `ferry_round` raises, other than QemuPeerError, is
+    ferry's failure and goes to the caller."""
     binary = qemu_binary()
     if binary is None:
         return {"skipped": SKIPPED}
     samples: dict[int, list[dict]] = {channels: [] for channels in CHANNELS}
-    ferry_samples = []
+    ferry_samples: list[dict] = []
     try:
         section = {"qemu": qemu_version(binary), "memory_bytes": memory_bytes, "rounds": rounds}
         for _ in range(rounds):
             if ferry_round is not None:
                 ferry_samples.append(ferry_round())
             for channels in CHANNELS:
-                samples[channels].append(qemu_migration(memory_bytes, channels, workdir))
+                samples[channels].append(peer_migration(memory_bytes, channels, workdir))
     except QemuPeerError as exc:
-        return {"failed": str(exc)}
+        failed = {"failed": str(exc)}
+        if ferry_samples:
+            failed["ferry"] = variant(ferry_samples)
+        return failed
+    if ferry_round is not None:
+        section["ferry"] = variant(ferry_samples)
     for channels in CHANNELS:
         section[VARIANTS[channels]] = variant(samples[channels])
-    if ferry_round is not None:
-        section["ferry_samples"] = ferry_samples
-        section.update(ferry_ratio(section, ferry_samples))
+    section.update(ferry_ratio(section))
     return section
 
 
-def ferry_ratio(section: dict, ferry_samples: list[dict]) -> dict:
-    """ferry's best MB/s over the faster QEMU variant's best."""
-    if not ferry_samples or not all("mb_s" in s for s in ferry_samples):
+def ferry_ratio(section: dict) -> dict:
+    """ferry's best MB/s over the faster QEMU variant's best (and which that was)."""
+    if "ferry" not in section:
         return {}
     faster = max(VARIANTS.values(), key=lambda name: section[name]["best_mb_s"])
-    ferry = max(s["mb_s"] for s in ferry_samples)
-    return {"ratio": round(ferry / section[faster]["best_mb_s"], 3), "ratio_to": faster}
+    return {
+        "ratio": round(section["ferry"]["best_mb_s"] / section[faster]["best_mb_s"], 3),
+        "ratio_to": faster,
+        "ratio_of": f"ferry.best_mb_s / {faster}.best_mb_s",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """`ferry bench`: ferry's speed as ratios to what this machine does without it.
 
-Five measurements, each next to its baseline from the same run:
+Six measurements, each next to its baseline from the same run:
 
     stream      live migration of an idle, filled domain between two daemons
                 on loopback (MB/s of the helper's stream)   vs  raw_stream
@@ -10,6 +10,12 @@ Five measurements, each next to its baseline from the same run:
     downtime    a domain dirtying 5,000 pages/s, converge policy, 300 ms limit
     restore     a save file restored from the page cache    vs  raw_read
     helper_rss  the save helper's peak RSS saving a 4 GiB domain
+    peers       a whole migration of an idle domain holding 2 GiB of random
+                bytes, request to guest running at the destination (MB/s of
+                guest RAM, downtime)                        vs  QEMU migrating
+                as much random RAM between two local QEMUs, one connection
+                and multifd on 2 channels (bench/qemu_peer.py); skipped
+                where qemu-system-x86_64 is not installed
 
 The JSON report goes to bench-report.json; the table (or, with --json, the
 JSON) to stdout.  --quick uses small domains: a smoke test, not a report.
@@ -21,7 +27,9 @@ import os
 
 import trio
 
-from . import baselines, measure
+from toolstack.harness import HarnessError
+
+from . import baselines, measure, qemu_peer
 from .rpc_round_trips import rpc_round_trips
 
 GiB = 1 << 30
@@ -32,6 +40,7 @@ FULL = {
     "downtime_bytes": 1 * GiB,
     "restore_bytes": 2 * GiB,
     "rss_bytes": 4 * GiB,
+    "peers_bytes": 2 * GiB,
     "rpcs": 5000,
 }
 QUICK = {
@@ -39,13 +48,15 @@ QUICK = {
     "downtime_bytes": 256 * MiB,
     "restore_bytes": 256 * MiB,
     "rss_bytes": 512 * MiB,
+    "peers_bytes": 256 * MiB,
     "rpcs": 1000,
 }
 ROUNDS = 2  # a full run measures each throughput and latency this often
 DIRTY_RATE = 5000.0  # pages/s for the downtime measurement
 DOWNTIME_LIMIT = 300.0  # ms
 
-# (section, key, comparison, target): what issue 7 asks of this 2-core machine
+# (section, key, comparison, target): what issue 7 asks of this 2-core machine,
+# and issue 14 of ferry next to QEMU (its best MB/s over the faster variant's)
 TARGETS = [
     ("stream", "ratio", ">=", 0.6),
     ("restore", "ratio", ">=", 0.6),
@@ -53,7 +64,9 @@ TARGETS = [
     ("rpc", "share_of_precopy", "<=", 0.03),
     ("downtime", "ratio", "<=", 1.0),
     ("helper_rss", "peak_rss_bytes", "<=", 128 * MiB),
+    ("peers", "ratio", ">=", 1.0),
 ]
+STRETCH = {"peers.ratio": 1.2}  # reported beside the target, like every target: never asserted
 
 
 def run_bench(quick: bool) -> dict:
@@ -70,6 +83,7 @@ def run_bench(quick: bool) -> dict:
         report["downtime"] = bench_downtime(hosts, sizes["downtime_bytes"])
         report["restore"] = bench_restore(hosts, sizes["restore_bytes"], rounds)
         report["helper_rss"] = bench_helper_rss(hosts, sizes["rss_bytes"])
+        report["peers"] = bench_peers(hosts, sizes["peers_bytes"], rounds)
     report["targets"] = check_targets(report)
     return report
 
@@ -194,20 +208,68 @@ def bench_helper_rss(hosts, memory: int) -> dict:
     }
 
 
+def peers_migration(hosts, name: str, memory: int, ram_file: str) -> dict:
+    """ferry's whole job, timed by the source daemon from the migrate request
+    to the job's end: the guest running at the destination, then the
+    source's copy destroyed (which QEMU's figure does not include)."""
+    measure.create(hosts, measure.SOURCE, name, memory)
+    measure.fill_from(hosts, measure.SOURCE, name, ram_file)
+    job = measure.migrate(hosts, name, "converge", {}).to_wire()
+    state = measure.state(hosts, measure.DESTINATION, name)
+    measure.destroy(hosts, measure.DESTINATION, name)
+    if state != "running":
+        raise HarnessError(f"{name} is {state} at the destination after its migration")
+    seconds = job["elapsed_ms"] / 1e3
+    return {
+        "memory_bytes": memory,
+        "seconds": round(seconds, 3),
+        "mb_s": round(memory / 1e6 / seconds, 1),
+        "downtime_ms": job["downtime_ms"],
+        "bytes_sent": job["bytes_sent"],
+        "stream_mb_s": round(job["bytes_sent"] / 1e3 / job["stream_ms"], 1),
+        "iterations": len(job["iterations"]),
+    }
+
+
+def bench_peers(hosts, memory: int, rounds: int) -> dict:
+    """ferry and QEMU migrating as much random RAM, rounds interleaved:
+    ferry, QEMU one connection, QEMU multifd-2, and again.  Both guests hold
+    the same file of random bytes (made once, in the hosts' root)."""
+    names = iter(range(rounds))
+
+    def ferry_round() -> dict:
+        ram_file = qemu_peer.random_ram_file(hosts.root, memory)
+        return peers_migration(hosts, f"peer{next(names)}", memory, ram_file)
+
+    return qemu_peer.peers_section(memory, rounds, hosts.root, ferry_round)
+
+
 def check_targets(report: dict) -> list[dict]:
+    """Each target's value and whether it is met: not measured is not met,
+    but a section that was skipped or failed (the QEMU peer) is not judged
+    (met: null, and why).  A section the report lacks has no row."""
     results = []
     for section, key, comparison, target in TARGETS:
-        value = report[section][key]
-        met = value is not None and (value >= target if comparison == ">=" else value <= target)
-        results.append(
-            {
-                "measure": f"{section}.{key}",
-                "value": value,
-                "target": f"{comparison} {target}",
-                "met": met,
-            }
-        )
+        if section not in report:
+            continue
+        part = report[section]
+        value = part.get(key)
+        measure_name = f"{section}.{key}"
+        row = {"measure": measure_name, "value": value, "target": f"{comparison} {target}"}
+        why = part.get("skipped") or part.get("failed")
+        row["met"] = None if why else judge(value, comparison, target)
+        if why:
+            row["why"] = why
+        if measure_name in STRETCH:
+            stretch = STRETCH[measure_name]
+            row["stretch"] = f"{comparison} {stretch}"
+            row["stretch_met"] = None if why else judge(value, comparison, stretch)
+        results.append(row)
     return results
+
+
+def judge(value, comparison: str, target: float) -> bool:
+    return value is not None and (value >= target if comparison == ">=" else value <= target)
 
 
 def print_table(report: dict) -> None:
@@ -246,11 +308,38 @@ def print_table(report: dict) -> None:
             m["ratio"],
         ),
     ]
+    rows.extend(peer_rows(report.get("peers", {})))
     print(f"{'':<16} {'ferry':>20} {'baseline':>26} {'ratio':>7}")
     for name, ours, base, ratio in rows:
         print(f"{name:<16} {ours:>20} {base:>26} {ratio!s:>7}")
     print()
     for t in report["targets"]:
-        print(
-            f"{'met ' if t['met'] else 'MISSED'} {t['measure']:<26} {t['value']!s:>12} (target {t['target']})"
-        )
+        verdict = {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]
+        line = f"{verdict} {t['measure']:<26} {t['value']!s:>12} (target {t['target']}"
+        if "stretch" in t:
+            line += f"; stretch {t['stretch']}{', met' if t['stretch_met'] else ''}"
+        print(line + (f"): {t['why']}" if "why" in t else ")"))
+
+
+def peer_rows(peers: dict) -> list[tuple]:
+    """ferry's best next to the faster QEMU variant's (none without QEMU
+    figures: the targets below say why)."""
+    if "ratio" not in peers:
+        return []
+    ferry, qemu = peers["ferry"], peers[peers["ratio_to"]]
+    name = peers["ratio_to"].replace("_", "-")
+    downtime = ferry["best_downtime_ms"], qemu["best_downtime_ms"]
+    return [
+        (
+            "vs QEMU",
+            f"{ferry['best_mb_s']:.0f} MB/s",
+            f"{qemu['best_mb_s']:.0f} MB/s QEMU {name}",
+            peers["ratio"],
+        ),
+        (
+            "downtime vs QEMU",
+            f"{downtime[0]:.0f} ms",
+            f"{downtime[1]:.0f} ms QEMU {name}",
+            round(downtime[0] / downtime[1], 2) if all(downtime) else "",
+        ),
+    ]

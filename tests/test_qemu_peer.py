@@ -92,7 +92,7 @@ def test_ferry_rounds_come_first_and_give_the_ratio(monkeypatch, short_tmp):
 
     def ferry_round():
         order.append("ferry")
-        return {"mb_s": 450.0 + len(order)}
+        return {"mb_s": 450.0 + len(order), "downtime_ms": 30.0 - len(order)}
 
     monkeypatch.setattr(qemu_peer, "qemu_binary", lambda: "/bin/true")
     monkeypatch.setattr(qemu_peer, "qemu_migration", fake_migration)
@@ -100,5 +100,8 @@ def test_ferry_rounds_come_first_and_give_the_ratio(monkeypatch, short_tmp):
     assert order == ["ferry", "qemu1", "qemu2"] * 2
     assert section["one_connection"]["samples_mb_s"] == [300.0, 300.0]
     assert section["multifd_2"]["best_mb_s"] == 600.0
-    assert [s["mb_s"] for s in section["ferry_samples"]] == [451.0, 454.0]
+    assert section["ferry"]["samples_mb_s"] == [451.0, 454.0]
+    assert section["ferry"]["best_mb_s"] == 454.0
+    assert section["ferry"]["best_downtime_ms"] == 26.0
     assert section["ratio"] == round(454 / 600, 3) and section["ratio_to"] == "multifd_2"
+    assert section["ratio_of"] == "ferry.best_mb_s / multifd_2.best_mb_s"
