@@ -460,7 +460,7 @@ class DemoReport:
     policy_wait_p50_us: float | None = None  # median time the helper was blocked on an answer
     policy_wait_p99_us: float | None = None  # 99th percentile of that wait
     throughput_mb_s: float | None = None  # bytes_sent over the whole job, MB/s
-    integrity: str  # ok: the source's RAM digest at suspend equals the destination's before unpause; else mismatch; 'unchecked (postcopy)' when the guest ran before its RAM was whole
+    integrity: str  # ok: the source's RAM digest at suspend equals the destination's before unpause; else mismatch.  After postcopy (the guest ran before its RAM was whole) the guest's own check of its pages decides: ok, or 'guest check: ' and what it found
     decision: str  # why the policy stopped precopy
     source_gone: bool  # the source no longer lists the domain
     destination_state: str  # the domain's state at the destination afterwards

@@ -95,3 +95,25 @@ def test_demo_steering_flags_reach_the_policy():
     )
     assert "policy xen has no setting 'downtime_limit'" in refused["error"]
     assert refused["command"] == "demo"
+
+
+def postcopy_skip_reason() -> str | None:
+    from hypervisor import uffd
+
+    usable, why = uffd.usable()
+    return None if usable else why
+
+
+@pytest.mark.skipif(postcopy_skip_reason() is not None, reason=str(postcopy_skip_reason()))
+@pytest.mark.parametrize("backend", ["sim", "kvm"])
+def test_demo_postcopy(backend):
+    if backend == "kvm" and not kvm_usable():
+        pytest.skip("/dev/kvm is missing or cannot create a VM here")
+    r = run_demo("--postcopy", "--backend", backend, "--memory", "128M")
+    pc = r["postcopy"]
+    assert "postcopy after precopy" in r["decision"]
+    assert pc["pages"] > 0 and pc["pushed"] + pc["requested"] == pc["pages"]
+    assert r["integrity"] == "ok" and r["guest_check"] == "ok"
+    assert r["source_gone"] and r["destination_state"] == "running"
+    assert r["destination_writes_advancing"]
+    assert r["downtime_ms"] > 0 and r["verify_ms"] is None
