@@ -1,6 +1,6 @@
 """`ferry bench`: ferry's speed as ratios to what this machine does without it.
 
-Six measurements, each next to its baseline from the same run:
+Seven measurements, each next to its baseline from the same run:
 
     stream      live migration of an idle, filled domain between two daemons
                 on loopback (MB/s of the helper's stream)   vs  raw_stream
@@ -16,6 +16,10 @@ Six measurements, each next to its baseline from the same run:
                 as much random RAM between two local QEMUs, one connection
                 and multifd on 2 channels (bench/qemu_peer.py); skipped
                 where qemu-system-x86_64 is not installed
+    postcopy    a guest dirtying 100,000 pages/s switches to postcopy: downtime,
+                fault latency with the push running and on an idle link,
+                the time to resume a cut link   vs  the same guest by precopy
+                forced to stop and copy (bench/postcopy.py)
 
 The JSON report goes to bench-report.json; the table (or, with --json, the
 JSON) to stdout.  --quick uses small domains: a smoke test, not a report.
@@ -29,7 +33,7 @@ import trio
 
 from toolstack.harness import HarnessError
 
-from . import baselines, measure, qemu_peer
+from . import baselines, measure, postcopy, qemu_peer
 from .rpc_round_trips import rpc_round_trips
 
 GiB = 1 << 30
@@ -41,6 +45,8 @@ FULL = {
     "restore_bytes": 2 * GiB,
     "rss_bytes": 4 * GiB,
     "peers_bytes": 2 * GiB,
+    "postcopy_bytes": 1 * GiB,
+    "postcopy_idle_bytes": 256 * MiB,
     "rpcs": 5000,
 }
 QUICK = {
@@ -49,6 +55,8 @@ QUICK = {
     "restore_bytes": 256 * MiB,
     "rss_bytes": 512 * MiB,
     "peers_bytes": 256 * MiB,
+    "postcopy_bytes": 256 * MiB,
+    "postcopy_idle_bytes": 64 * MiB,
     "rpcs": 1000,
 }
 ROUNDS = 2  # a full run measures each throughput and latency this often
@@ -65,6 +73,12 @@ TARGETS = [
     ("downtime", "ratio", "<=", 1.0),
     ("helper_rss", "peak_rss_bytes", "<=", 128 * MiB),
     ("peers", "ratio", ">=", 1.0),
+    # issue 12: postcopy (medians of the rounds)
+    ("postcopy", "downtime_ms", "<=", 100.0),
+    ("postcopy", "fault_p50_us", "<=", 1000.0),
+    ("postcopy", "fault_p99_us", "<=", 5000.0),
+    ("postcopy", "idle_link_fault_p50_us", "<=", 250.0),
+    ("postcopy", "exactly_once", ">=", True),
 ]
 STRETCH = {"peers.ratio": 1.2}  # reported beside the target, like every target: never asserted
 
@@ -83,6 +97,9 @@ def run_bench(quick: bool) -> dict:
         report["downtime"] = bench_downtime(hosts, sizes["downtime_bytes"])
         report["restore"] = bench_restore(hosts, sizes["restore_bytes"], rounds)
         report["helper_rss"] = bench_helper_rss(hosts, sizes["rss_bytes"])
+        report["postcopy"] = postcopy.bench_postcopy(
+            hosts, sizes["postcopy_bytes"], sizes["postcopy_idle_bytes"], rounds
+        )
         report["peers"] = bench_peers(hosts, sizes["peers_bytes"], rounds)
     report["targets"] = check_targets(report)
     return report
@@ -308,6 +325,7 @@ def print_table(report: dict) -> None:
             m["ratio"],
         ),
     ]
+    rows.extend(postcopy_rows(report.get("postcopy")))
     rows.extend(peer_rows(report.get("peers", {})))
     print(f"{'':<16} {'ferry':>20} {'baseline':>26} {'ratio':>7}")
     for name, ours, base, ratio in rows:
@@ -319,6 +337,34 @@ def print_table(report: dict) -> None:
         if "stretch" in t:
             line += f"; stretch {t['stretch']}{', met' if t['stretch_met'] else ''}"
         print(line + (f"): {t['why']}" if "why" in t else ")"))
+
+
+def postcopy_rows(pc: dict | None) -> list[tuple]:
+    if not pc:
+        return []
+    ratio = pc["downtime_ms"] / pc["precopy_downtime_ms"] if pc["precopy_downtime_ms"] else None
+    return [
+        (
+            "postcopy down",
+            f"{pc['downtime_ms']:.0f} ms",
+            f"{pc['precopy_downtime_ms']:.0f} ms stop-and-copy",
+            round(ratio, 3) if ratio is not None else "-",
+        ),
+        (
+            "postcopy total",
+            f"{pc['total_ms']:.0f} ms",
+            f"{pc['precopy_total_ms']:.0f} ms precopy",
+            round(pc["total_ms"] / pc["precopy_total_ms"], 3),
+        ),
+        ("fault p50/p99", f"{pc['fault_p50_us']:.0f}/{pc['fault_p99_us']:.0f} us", "push on", "-"),
+        (
+            "fault idle p50",
+            f"{pc['idle_link_fault_p50_us']:.0f} us",
+            f"push {postcopy.IDLE_PUSH_MB_S:g} MB/s",
+            "-",
+        ),
+        ("resume", f"{pc['resume_to_complete_ms']:.0f} ms", "to complete", "-"),
+    ]
 
 
 def peer_rows(peers: dict) -> list[tuple]:

@@ -48,6 +48,12 @@ def parse_args(argv):
         help="go on with a postcopy whose link broke (the stream is a resumed one)",
     )
     p.add_argument(
+        "--postcopy-bandwidth",
+        type=float,
+        default=0.0,
+        help="save: MB/s the postcopy push may use (faulted pages never wait); 0: unlimited",
+    )
+    p.add_argument(
         "--stream-offset", type=int, default=0, help="where the libxc stream starts (for errors)"
     )
     return p.parse_args(argv)
@@ -57,6 +63,7 @@ def run(args, link: ToolstackLink) -> None:
     with RunnerClient(args.domain) as domain:
         if args.save_domain:
             job = Saver(domain, link, FdWriter(args.io_fd), live=args.live, postcopy=args.postcopy)
+            job.postcopy_bandwidth = args.postcopy_bandwidth * 1e6  # octets/s
             work = job.resume_postcopy if args.postcopy_resume else job.save
         else:
             job = Restorer(domain, link, FdReader(args.io_fd), args.stream_offset)

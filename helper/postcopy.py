@@ -112,18 +112,21 @@ def return_decoder(pages: int) -> libxc.LibxcDecoder:
     return libxc.LibxcDecoder(max_pfns=pages, records_only=True)
 
 
-def read_resume_list(incoming: RecordStream, rules: ReturnRules) -> np.ndarray:
-    """Recovery, at the source: the pfns the destination lists as still lacking."""
+def read_resume_list(incoming: RecordStream, rules: ReturnRules):
+    """Recovery, at the source: the pfns the destination lists as still
+    lacking, and the faults that came right behind the list (the rules let
+    none come before its end)."""
     poller = select.poll()
     poller.register(incoming.sock.fileno(), select.POLLIN)
+    faults = []
     while rules.listing:
         poller.poll()  # the helper's silence deadline in the toolstack bounds this
         for event in incoming.available():
             pfns = rules.event(event, incoming.decoder.offset)
             if pfns is not None:
-                raise RemoteProtocolError("POSTCOPY_FAULT before POSTCOPY_RESUME_END")
+                faults.append(pfns)
     listed = np.concatenate(rules.lacking) if rules.lacking else np.empty(0, np.uint64)
-    return sorted_distinct(listed)[0]
+    return sorted_distinct(listed)[0], faults
 
 
 class PostcopySender:
@@ -154,6 +157,9 @@ class PostcopySender:
         self.set_buffer(SMALL_BUFFER)
         self.started_octets = saver.writer.written
         self.last_progress = 0.0
+        self.bandwidth = saver.postcopy_bandwidth  # octets/s for the push; 0: unlimited
+        self.push_started = time.monotonic()
+        self.pushed_octets = 0
 
     def run(self) -> None:
         """Until every page is out and the destination said COMPLETE: read its
@@ -163,9 +169,11 @@ class PostcopySender:
         sock = self.incoming.sock.fileno()
         try:
             while self.unsent or self.outbox.pending or not self.rules.complete:
-                sending = self.unsent or self.outbox.pending
+                held = self.push_held()  # s the push must wait (its bandwidth)
+                sending = self.outbox.pending or self.requests or (self.unsent and not held)
                 poller.register(sock, select.POLLIN | (select.POLLOUT if sending else 0))
-                ready = dict(poller.poll(PROGRESS_INTERVAL * 1000)).get(sock, 0)
+                wait = min(held, PROGRESS_INTERVAL) if held and not sending else PROGRESS_INTERVAL
+                ready = dict(poller.poll(wait * 1000)).get(sock, 0)
                 if ready & (select.POLLIN | select.POLLHUP | select.POLLERR):
                     self.read_requests()
                 if ready & select.POLLOUT:  # fewer than NOTSENT_LOWAT octets wait unsent
@@ -219,11 +227,22 @@ class PostcopySender:
                 self.cursor = (take[-1] + 1) % len(self.pfns)  # push on from the last fault
                 self.requested += self.send(np.sort(np.array(take)))
                 return
+        if self.push_held():
+            return
         index = self.next_unsent(self.push)
         self.pushed += self.send(index)
+        self.pushed_octets += len(index) * PAGE_SIZE
         if time.monotonic_ns() - self.last_fault > QUIET_NS:  # quiet: bigger batches
             self.push = min(self.push * 2, MAX_PUSH)
             self.set_buffer(LARGE_BUFFER)
+
+    def push_held(self) -> float:
+        """Seconds the push waits before its next batch (--postcopy-bandwidth);
+        0 when it may go now.  Requested pages never wait."""
+        if not self.bandwidth or not self.unsent:
+            return 0.0
+        allowed = (time.monotonic() - self.push_started) * self.bandwidth
+        return max(0.0, (self.pushed_octets - allowed) / self.bandwidth)
 
     def next_unsent(self, count: int) -> np.ndarray:
         """Up to `count` unsent indices from the cursor on, wrapping once."""

@@ -74,6 +74,7 @@ class Saver:
         self.writer = writer
         self.live = live
         self.postcopy = postcopy  # this migration may switch to postcopy
+        self.postcopy_bandwidth = 0.0  # octets/s the postcopy push may use; 0: unlimited
         self.memory: GuestMemory = domain.map_guest_memory()
         self.pages = self.memory.pages
         self.progress = Progress()
@@ -229,9 +230,12 @@ class Saver:
         self.stream_start_ns = time.monotonic_ns()
         rules = ReturnRules(resumed=True)
         incoming = RecordStream(self.writer.fd, return_decoder(self.pages))
-        lacking = read_resume_list(incoming, rules)
+        lacking, faults = read_resume_list(incoming, rules)
         self.link.say(LOG_INFO, "save", f"postcopy resumed: {len(lacking)} pages still to send")
-        PostcopySender(self, lacking, incoming, rules).run()
+        sender = PostcopySender(self, lacking, incoming, rules)
+        for pfns in faults:
+            sender.queue(pfns)
+        sender.run()
         self.writer.writev(libxc.encode_marker(libxc.REC_END))
 
     def suspend_domain(self) -> None:

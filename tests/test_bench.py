@@ -16,6 +16,7 @@ SECTIONS = {
     "downtime": {"limit_ms", "measured_ms", "ratio"},
     "restore": {"ferry_mb_s", "raw_mb_s", "ratio"},
     "helper_rss": {"guest_bytes", "peak_rss_bytes"},
+    "postcopy": {"downtime_ms", "fault_p50_us", "idle_link_fault_p50_us", "resume_to_complete_ms"},
 }
 
 
@@ -46,6 +47,11 @@ def test_quick_bench_reports_every_measure_against_its_baseline(short_tmp):
     assert d["limit_ms"] == 300 and d["measured_ms"] > 0
     m = report["helper_rss"]
     assert m["guest_bytes"] == QUICK["rss_bytes"] and 8 << 20 < m["peak_rss_bytes"]
+    pc = report["postcopy"]
+    assert pc["exactly_once"] and 0 < pc["downtime_ms"] < pc["total_ms"]
+    assert pc["resume_to_complete_ms"] > 0 and pc["precopy_downtime_ms"] > 0
+    for sample in pc["switch_samples"]:
+        assert sample["pushed"] + sample["requested"] == sample["pages"] > 0
     assert [t["measure"] for t in report["targets"]] == [f"{a}.{b}" for a, b, _, _ in TARGETS]
     left = {d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("ferry-")}
     assert not left, f"bench left {left} behind"

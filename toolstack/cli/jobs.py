@@ -193,6 +193,13 @@ class Migrate(Command):
             help="switch to postcopy once the first pass over RAM is done (implies --postcopy)",
         )
         p.add_argument(
+            "--postcopy-bandwidth",
+            type=float,
+            default=0.0,
+            metavar="MBPS",
+            help="MB/s the postcopy push may use; faulted pages never wait (default 0: unlimited)",
+        )
+        p.add_argument(
             "--resume",
             action="store_true",
             help="go on with this domain's paused postcopy over a new connection to HOST:PORT",
@@ -212,6 +219,7 @@ class Migrate(Command):
             postcopy=args.postcopy or args.postcopy_after_precopy,
             postcopy_after_precopy=args.postcopy_after_precopy,
             resume=args.resume,
+            postcopy_bandwidth=args.postcopy_bandwidth,
         )
         if args.json:
             emit_json(report)

@@ -178,11 +178,12 @@ class ControlSession(DaemonHandlers):
         postcopy,
         postcopy_after_precopy,
         resume,
+        postcopy_bandwidth,
     ) -> JobReport:
         if self.daemon.auth_key is None:
             raise ToolstackError("this daemon has no --auth-key to authenticate to the destination")
         if resume:
-            return await self._resume(name, address, watch)
+            return await self._resume(name, address, watch, postcopy_bandwidth)
         if postcopy_after_precopy and not postcopy:
             raise ToolstackError("postcopy_after_precopy needs postcopy (migrate --postcopy)")
         domain = self._idle_domain(name)
@@ -191,13 +192,14 @@ class ControlSession(DaemonHandlers):
         job.own(domain)  # claimed before anything else can run: no second job gets it
         job.postcopy_allowed = postcopy
         job.postcopy_after_precopy = postcopy_after_precopy
+        job.postcopy_bandwidth = postcopy_bandwidth
 
         async def work(job: Job) -> None:
             await migrate_send(self.daemon.site, job, domain, address, verify)
 
         return await self._run(job, work, watch)
 
-    async def _resume(self, name: str, address: str, watch: bool) -> JobReport:
+    async def _resume(self, name: str, address: str, watch: bool, bandwidth: float) -> JobReport:
         """Hand a paused postcopy migration a new link to `address`; a refusal
         (wrong key, wrong host) leaves it paused as it was."""
         job = self.daemon.jobs.get(name)
@@ -207,6 +209,8 @@ class ControlSession(DaemonHandlers):
             )
         link = await open_resume(self.daemon.site, job, address)
         job.stats.peer = address
+        if bandwidth:
+            job.postcopy_bandwidth = bandwidth
         job.resume_with(link)
         return await self._wait(job, watch)
 

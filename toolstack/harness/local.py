@@ -27,6 +27,7 @@ from ..cli.daemon_client import DaemonClient, DaemonError
 
 START_TIMEOUT = 30.0  # s for a daemon to answer its first ping
 STOP_TIMEOUT = 20.0  # s for a daemon to stop on SIGTERM before it is killed
+DESTROY_ATTEMPTS = 10  # rounds of destroy_all: an abort first, the renamed domain next
 
 
 class HarnessError(Exception):
@@ -109,18 +110,27 @@ class LocalDaemon:
             return getattr(daemon, operation)(**fields)
 
     def destroy_all(self) -> None:
+        """Every domain of this daemon gone: a job still holding one (a paused
+        postcopy, say) is aborted first, an in-doubt one force-destroyed."""
         if not self.running:
             return
         try:
             with self.client() as daemon:
-                for domain in daemon.list():
-                    try:
-                        if domain.state == "in-doubt":
-                            daemon.migrate_resolve(name=domain.name, force="destroy")
-                        else:
-                            daemon.destroy(name=domain.name)
-                    except DaemonError:
-                        pass
+                for _ in range(DESTROY_ATTEMPTS):
+                    domains = daemon.list()
+                    if not domains:
+                        return
+                    for domain in domains:
+                        try:
+                            if domain.state == "in-doubt":
+                                daemon.migrate_resolve(name=domain.name, force="destroy")
+                            elif domain.job is not None:
+                                daemon.job_control(name=domain.name, action="abort")
+                            else:
+                                daemon.destroy(name=domain.name)
+                        except DaemonError:
+                            pass
+                    time.sleep(0.2)  # aborted jobs end, renamed domains show up
         except DaemonError:
             pass
 

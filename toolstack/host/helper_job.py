@@ -178,6 +178,7 @@ async def run_helper(
     stream_offset: int = 0,
     postcopy: bool = False,
     resume: bool = False,
+    postcopy_bandwidth: float = 0.0,
 ) -> None:
     """Run a helper to completion; HelperFailed (one line) if it did not succeed.
     A helper that says nothing for `silence_timeout` s (DEADLINES.helper) is hung."""
@@ -192,6 +193,8 @@ async def run_helper(
         cmd.append("--postcopy")  # save: the helper may obey a POSTCOPY answer
     if resume:
         cmd.append("--postcopy-resume")  # a broken postcopy goes on over a new link
+    if postcopy_bandwidth:
+        cmd += ["--postcopy-bandwidth", repr(postcopy_bandwidth)]
     if stream_offset:
         cmd += ["--stream-offset", str(stream_offset)]
     try:

@@ -30,6 +30,7 @@ class MigrationLink:
     def __init__(self, stream: trio.SocketStream, role: str) -> None:
         self.stream = stream
         self.handshake = Handshake(role)
+        self.closed = trio.Event()  # set by aclose: whoever holds the link is done with it
 
     @property
     def fileno(self) -> int:
@@ -116,3 +117,4 @@ class MigrationLink:
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
+        self.closed.set()

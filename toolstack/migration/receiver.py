@@ -64,7 +64,11 @@ async def serve_migration(site: Site, stream) -> None:
     except LinkError as exc:
         refusals.warning("migration connection from %s ended: %s", peer, exc)
     finally:
-        if not handed_over:
+        if handed_over:
+            # trio's listener closes the connection when this returns: wait
+            # until the paused job that took the link over is done with it.
+            await link.closed.wait()
+        else:
             await link.aclose()
 
 

@@ -148,7 +148,7 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
     callbacks.postcopy_after_precopy = job.postcopy_after_precopy
     switch = callbacks.switch_to_postcopy = Switch(site, job, domain, link, record)
     try:
-        await send_stream(link, domain, callbacks, job.postcopy_allowed, switch)
+        await send_stream(link, domain, callbacks, job, switch)
     except ToolstackError as exc:
         if not switch.done:
             raise
@@ -269,7 +269,14 @@ async def continue_postcopy(site: Site, job: Job, domain: Domain, record, why: s
             ) from None
         try:
             callbacks = HelperCallbacks(domain, job.stats, None, site.budget_ms)
-            await run_helper("save", link.fileno, domain, callbacks, resume=True)
+            await run_helper(
+                "save",
+                link.fileno,
+                domain,
+                callbacks,
+                resume=True,
+                postcopy_bandwidth=job.postcopy_bandwidth,
+            )
             await finish_postcopy(site, job, domain, link, record)
             return
         except ToolstackError as exc:
@@ -319,14 +326,20 @@ async def wait_until_running(site, job, domain, link, record) -> None:
         ) from None
 
 
-async def send_stream(
-    link: MigrationLink, domain: Domain, callbacks, postcopy: bool, switch
-) -> None:
+async def send_stream(link: MigrationLink, domain: Domain, callbacks, job: Job, switch) -> None:
     """The libxl stream around the save helper's libxc stream."""
     await link.send_call(msgs.Stream())
     await link.send_raw(libxl.encode_header() + libxl.encode_libxc_context())
     try:
-        await run_helper("save", link.fileno, domain, callbacks, live=True, postcopy=postcopy)
+        await run_helper(
+            "save",
+            link.fileno,
+            domain,
+            callbacks,
+            live=True,
+            postcopy=job.postcopy_allowed,
+            postcopy_bandwidth=job.postcopy_bandwidth,
+        )
     except ToolstackError as exc:
         if callbacks.abort_reason or switch.done:
             raise  # our own policy ended it, or postcopy lost its link: nothing to ask
