@@ -237,10 +237,13 @@ async def run_helper(
 async def _serve(channel: AsyncChannel, callbacks: HelperCallbacks, timeout: float, mode: str):
     # One cancel scope for the whole job: waiting for the helper arms its
     # deadline, answering disarms it.  (A fail_after per message cost more
-    # than the policy decision itself.)
+    # than the policy decision itself.)  During postcopy the helper reports
+    # every 0.2 s whatever happens; a report that nothing moved is silence
+    # too: a stalled link must fail (and pause) like a broken one.
+    still = StandingStill()
     with trio.CancelScope() as silence:
         while callbacks.completed is None:
-            silence.deadline = trio.current_time() + timeout
+            silence.deadline = still.since + timeout
             try:
                 event = await channel.next_event()
             except ChannelError:
@@ -250,6 +253,7 @@ async def _serve(channel: AsyncChannel, callbacks: HelperCallbacks, timeout: flo
             silence.deadline = math.inf
             if not isinstance(event, Call):
                 raise HelperFailed(f"{mode} helper sent an unexpected {type(event).__name__}")
+            still.heard(event.message)
             reply = await callbacks.dispatch(event.message)
             if event.message.SPEC.wants_reply:
                 try:
@@ -258,8 +262,29 @@ async def _serve(channel: AsyncChannel, callbacks: HelperCallbacks, timeout: flo
                     raise _HelperDied from None
                 if isinstance(event.message, msgs.PrecopyPolicy):
                     callbacks.stats.record_answer(event.message.stats.time_ns)
+    if silence.cancelled_caught and still.stalled:
+        raise HelperFailed(f"postcopy moved nothing for {timeout:g} s (a stalled link?)")
     if silence.cancelled_caught:
         raise HelperFailed(f"{mode} helper sent nothing for {timeout:g} s; killed it")
+
+
+class StandingStill:
+    """When the helper last said something that shows it is getting on."""
+
+    def __init__(self) -> None:
+        self.since = trio.current_time()
+        self.stalled = False  # it still talks, but postcopy moves nothing
+        self.last_postcopy = None
+
+    def heard(self, message) -> None:
+        if isinstance(message, msgs.PostcopyProgress):
+            counters = (message.done, message.requested, message.octets)
+            self.stalled = counters == self.last_postcopy
+            self.last_postcopy = counters
+            if self.stalled:
+                return
+        self.stalled = False
+        self.since = trio.current_time()
 
 
 class _HelperDied(Exception):

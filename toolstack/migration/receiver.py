@@ -174,6 +174,7 @@ async def _build(site: Site, job: Job, link: MigrationLink, request) -> None:
     except ToolstackError as exc:
         if not switch.done:
             raise
+        await link.aclose()  # the source hears it at once (EOF), and pauses too
         await continue_receiving(site, job, domain, record, str(exc))
         return
     await read_libxl_tail(link)  # the octets after the libxc stream
