@@ -258,7 +258,7 @@ class PostcopySender:
         """Queue one POSTCOPY_PAGE_DATA record; once it is out, our mapping of
         its pages goes (they would count in this helper's RSS)."""
         pfns = self.pfns[index]
-        views = self.saver.prepare_batch(pfns, sweep=False)
+        views = self.saver.prepare_batch(pfns, sweep=False, zeros=False).views
 
         self.outbox.put(libxc.encode_page_data(pfns, views, postcopy=True), then=self.unmap_later)
         self.to_unmap.append(pfns)

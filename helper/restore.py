@@ -154,21 +154,31 @@ class Restorer:
     def write_pages(self, event: libxc.PageData) -> None:
         """One pwritev per run of contiguous pfns, through the memfd rather
         than the mapping: the kernel allocates fresh pages without a page
-        fault each.  The incoming domain's RAM starts zeroed, so a zero page
-        for a pfn this restore never wrote is skipped: untouched guest memory
-        stays unallocated here too."""
-        pfns = event.data_pfns.astype(np.intp)
-        words = np.frombuffer(event.data, dtype=np.uint64).reshape(len(pfns), PAGE_SIZE // 8)
-        keep = words.any(axis=1) | self.written[pfns]
+        fault each.  An XALLOC page carries no data: the incoming domain's
+        RAM starts zeroed, so it is left alone, unless this restore wrote
+        it before: then its memory is given back (it reads zero again)."""
+        pfns = event.pfns.astype(np.intp)
+        has_data = ~libxc.HAS_NO_DATA[event.types]
         self.written[pfns] = True
-        self.stored[pfns[keep]] = True
         self.pages_written += len(pfns)
-        for first, last in runs(np.flatnonzero(keep), pfns):
-            chunk = event.data[first * PAGE_SIZE : (last + 1) * PAGE_SIZE]
-            offset = int(pfns[first]) * PAGE_SIZE
+        if not has_data.all():
+            self.clear(pfns[~has_data])
+        data_pfns = pfns[has_data]
+        self.stored[data_pfns] = True
+        data = memoryview(event.data)
+        for first, last in runs(np.arange(len(data_pfns)), data_pfns):
+            chunk = data[first * PAGE_SIZE : (last + 1) * PAGE_SIZE]
+            offset = int(data_pfns[first]) * PAGE_SIZE
             while chunk:
                 written = os.pwritev(self.memory.fd, [chunk], offset)
                 chunk, offset = chunk[written:], offset + written
+
+    def clear(self, pfns: np.ndarray) -> None:
+        """Zero pages: those the memfd holds (written earlier) are punched out."""
+        held = pfns[self.stored[pfns]]
+        self.stored[held] = False
+        for first, last in runs(np.arange(len(held)), held):
+            self.memory.punch(int(held[first]), last - first + 1)
 
 
 def runs(positions: np.ndarray, pfns: np.ndarray) -> list[tuple[int, int]]:

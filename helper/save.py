@@ -19,7 +19,6 @@ and the stream simply ends without END, which every reader reports.
 
 from __future__ import annotations
 
-import bisect
 import signal
 import time
 from dataclasses import dataclass
@@ -38,10 +37,22 @@ from .toolstack_link import LOG_INFO, LOG_WARNING, ToolstackLink
 
 EMPTY_ITERATION_PAUSE = 0.005  # s: let a quiet guest dirty something before asking again
 # Never-touched guest pages are holes in the memfd.  Reading one through the
-# mapping would allocate it in the source (and fault, slowly); full sweeps
-# send these zeros from one shared zero buffer instead.
+# mapping would allocate it in the source (and fault, slowly): sweeps send
+# them as XALLOC, or (postcopy, which installs data) from one zero buffer.
 ZEROS = memoryview(bytes(MAX_BATCH_PAGES * PAGE_SIZE))
 POPULATE_MIN_PAGES = 16  # shorter runs: a syscall costs more than the faults it saves
+
+
+@dataclass
+class Batch:
+    """One PAGE_DATA record to be: its pfns, their types (None: every page
+    carries data; else XALLOC marks a zero page, sent without data), the
+    buffers of the pages with data, in order, and how many are zero."""
+
+    pfns: np.ndarray
+    types: np.ndarray | None
+    views: list[memoryview]
+    zero: int
 
 
 class SaveAborted(Exception):
@@ -58,6 +69,7 @@ class Progress:
     iter_written: int = 0
     iter_total: int = 0
     iter_bytes: int = 0
+    zero_pages: int = 0  # sent as XALLOC, without data
 
 
 class Saver:
@@ -160,16 +172,16 @@ class Saver:
             if decision != PrecopyDecision.CONTINUE_PRECOPY:
                 return decision, pfns
         sweep = p.iteration == 0
-        views = self.prepare_batch(pfns[:MAX_BATCH_PAGES], sweep)
+        prepared = self.prepare_batch(pfns[:MAX_BATCH_PAGES], sweep)
         for start in range(0, len(pfns), MAX_BATCH_PAGES):
             batch = pfns[start : start + MAX_BATCH_PAGES]
             with self.link.channel.together():  # progress and the call: the toolstack wakes once
-                self.send_batch(batch, views)
+                self.send_batch(prepared)
                 self.link.begin_precopy_policy(self.policy_stats())
             # The next batch needs its pages mapped whatever the answer (a
             # final pass sends them too): map them while the toolstack decides.
             following = pfns[start + MAX_BATCH_PAGES : start + 2 * MAX_BATCH_PAGES]
-            views = self.prepare_batch(following, sweep)
+            prepared = self.prepare_batch(following, sweep)
             decision = self.wait_for_policy()
             if decision != PrecopyDecision.CONTINUE_PRECOPY:
                 return decision, pfns[start + len(batch) :]
@@ -189,8 +201,8 @@ class Saver:
         self.progress.dirty_count = len(final)
         # Stopped inside the first pass: the unsent part may hold holes, so
         # sweep with extents read now, while the guest is paused (holes go
-        # out as zeros without being faulted in).  Otherwise every page to
-        # send was written by the guest: plain views, the fast path.
+        # out as XALLOC without being faulted in).  Otherwise every page to
+        # send was written by the guest: no extents to read.
         self._extents = None
         self.send_pages(final, sweep=first_pass_unfinished)
         self.disable_logdirty()
@@ -248,7 +260,7 @@ class Saver:
         p.iter_written, p.iter_bytes, p.iter_total = 0, 0, len(pfns)
         for start in range(0, len(pfns), MAX_BATCH_PAGES):
             batch = pfns[start : start + MAX_BATCH_PAGES]
-            self.send_batch(batch, self.prepare_batch(batch, sweep))
+            self.send_batch(self.prepare_batch(batch, sweep))
 
     def send_context(self) -> None:
         blob = self.domain.get_context()
@@ -258,68 +270,85 @@ class Saver:
         self.writer.writev(libxc.encode_hvm_params([]))
 
     # -- one batch ------------------------------------------------------------
-    def prepare_batch(self, pfns: np.ndarray, sweep: bool) -> list[memoryview]:
-        """The buffers of a batch, straight from mapped guest RAM: one per run
-        of contiguous pfns, no page copied in Python, each run's pages
+    def prepare_batch(self, pfns: np.ndarray, sweep: bool, zeros: bool = True) -> Batch:
+        """A batch straight from mapped guest RAM: one buffer per run of
+        contiguous pages that carry data, no page copied in Python, each run
         mapped in one call (MADV_POPULATE_READ) rather than one fault per
-        page inside the write.  In a `sweep` over all of RAM, holes
-        (never-touched pages) come from ZEROS."""
+        page inside the write.  All-zero pages go as XALLOC, without data
+        (QEMU's zero-page detection); in a `sweep` over all of RAM, holes
+        (never-touched pages) are known zero without being read.  `zeros`
+        False: every page carries its data (postcopy installs what it gets)."""
         if not len(pfns):
-            return []
-        breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [len(pfns)]))
-        views = []
-        for s, e in zip(starts, ends, strict=True):
-            first, count = int(pfns[s]), int(e - s)
-            if sweep:
-                views += self.sweep_views(first, count)
-                continue
+            return Batch(pfns, None, [], 0)
+        zero = self.holes(pfns) if sweep else np.zeros(len(pfns), bool)
+        for first, count in self.runs_of(pfns, ~zero):
             if count >= POPULATE_MIN_PAGES:
                 self.memory.populate(first * PAGE_SIZE, count * PAGE_SIZE)
-            views.append(self.memory.page_view(first, count))
+        if zeros:
+            zero |= self.zero_pages(pfns, ~zero)
+        elif zero.any():  # holes, but postcopy wants data: send zeros
+            return Batch(pfns, None, self.views_with_holes(pfns, zero), 0)
+        views = [self.memory.page_view(f, c) for f, c in self.runs_of(pfns, ~zero)]
+        if not zero.any():
+            return Batch(pfns, None, views, 0)
+        types = np.where(zero, libxc.PAGE_TYPE_XALLOC, libxc.PAGE_TYPE_NOTAB).astype(np.uint64)
+        return Batch(pfns, types, views, int(np.count_nonzero(zero)))
+
+    def runs_of(self, pfns: np.ndarray, keep: np.ndarray) -> list[tuple[int, int]]:
+        """(first pfn, count) of each run of consecutive pfns where `keep`."""
+        positions = np.flatnonzero(keep)
+        if not len(positions):
+            return []
+        chosen = pfns[positions]
+        breaks = np.flatnonzero(np.diff(chosen) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [len(chosen)]))
+        return list(zip(chosen[starts].tolist(), (ends - starts).tolist(), strict=True))
+
+    def holes(self, pfns: np.ndarray) -> np.ndarray:
+        """Which `pfns` are holes in the memfd: never touched, zero.  The
+        extents are read once per sweep: a hole the guest fills later is
+        dirty, so a later pass resends it."""
+        if self._extents is None:
+            self._extents = self.memory.data_extents()
+        return ~holds_data(pfns, self._extents)
+
+    def zero_pages(self, pfns: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Which `pfns` (among `candidates`, mapped already) hold only zeros:
+        a page whose first word is not zero is not (almost every page of
+        data: one gather for the batch); the others are read whole."""
+        zero = np.zeros(len(pfns), bool)
+        maybe = np.flatnonzero(candidates)
+        maybe = maybe[self.memory.words[pfns[maybe].astype(np.intp), 0] == 0]
+        if len(maybe):
+            zero[maybe] = ~self.memory.words[pfns[maybe].astype(np.intp)].any(axis=1)
+        return zero
+
+    def views_with_holes(self, pfns: np.ndarray, hole: np.ndarray) -> list[memoryview]:
+        """Every page's buffer in order: runs from the mapping, holes from ZEROS."""
+        views = []
+        for first, count, is_hole in stretches(pfns, hole):
+            views.append(
+                ZEROS[: count * PAGE_SIZE] if is_hole else self.memory.page_view(first, count)
+            )
         return views
 
-    def send_batch(self, pfns: np.ndarray, views: list[memoryview]) -> None:
+    def send_batch(self, batch: Batch) -> None:
         """One PAGE_DATA record of a prepared batch."""
         if self.stop_requested:
             raise SaveAborted("the helper was asked to stop (SIGTERM)")
-        written = self.writer.writev(libxc.encode_page_data(pfns, views))
+        pfns = batch.pfns
+        written = self.writer.writev(libxc.encode_page_data(pfns, batch.views, batch.types))
         # The kernel has copied the pages: let go of their mapping too.
         first, end = int(pfns[0]), int(pfns[-1]) + 1
         self.memory.unmap(first, end - first)
         p = self.progress
         p.iter_written += len(pfns)
         p.total_written += len(pfns)
+        p.zero_pages += batch.zero
         p.iter_bytes += written
         doing = f"iteration {p.iteration}"
         self.link.progress("save", doing, p.iter_written, p.iter_total)
-
-    def sweep_views(self, first: int, count: int) -> list[memoryview]:
-        """Buffers for pages first..first+count-1: data extents from the
-        mapping, holes from ZEROS.  The extents are read once per sweep: a
-        hole the guest fills later is dirty, so a later pass resends it."""
-        if self._extents is None:
-            self._extents = self.memory.data_extents()
-        views, page, end = [], first, first + count
-        index = bisect.bisect_right(self._extents, (first, float("inf"))) - 1
-        index = max(index, 0)
-        while page < end:
-            while index < len(self._extents) and self._extents[index][1] <= page:
-                index += 1
-            data_start, data_end = (
-                self._extents[index] if index < len(self._extents) else (end, end)
-            )
-            if data_start > page:  # a hole up to the next extent
-                stop = min(data_start, end)
-                views.append(ZEROS[: (stop - page) * PAGE_SIZE])
-            else:
-                stop = min(data_end, end)
-                if stop - page >= POPULATE_MIN_PAGES:
-                    self.memory.populate(page * PAGE_SIZE, (stop - page) * PAGE_SIZE)
-                views.append(self.memory.page_view(page, stop - page))
-            page = stop
-        return views
 
     def ask_policy(self) -> PrecopyDecision:
         self.link.begin_precopy_policy(self.policy_stats())
@@ -347,6 +376,7 @@ class Saver:
             time_ns=time.monotonic_ns(),
             stream_start_ns=self.stream_start_ns,
             policy_wait_ns=self.policy_wait_ns,
+            zero_pages=p.zero_pages,
         )
 
     def dirty_pfns(self) -> tuple[np.ndarray, int]:
@@ -354,6 +384,15 @@ class Saver:
         bitmap = np.unpackbits(np.frombuffer(log.bitmap, np.uint8), bitorder="little")
         pfns = np.flatnonzero(bitmap[: self.pages]).astype(np.uint64)
         return pfns, log.count
+
+
+def stretches(pfns: np.ndarray, flag: np.ndarray):
+    """(first pfn, count, flag) of each run of consecutive pfns with one flag."""
+    breaks = np.flatnonzero((np.diff(pfns) != 1) | (flag[1:] != flag[:-1])) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pfns)]))
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        yield int(pfns[s]), e - s, bool(flag[s])
 
 
 def holds_data(pfns: np.ndarray, extents: list[tuple[int, int]]) -> np.ndarray:

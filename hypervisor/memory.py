@@ -7,6 +7,7 @@ too (Xen's foreign mapping), so no page goes through a socket twice.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 import os
@@ -19,6 +20,9 @@ from . import uffd
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14
 PAGEMAP_PRESENT_OR_SWAPPED = (1 << 63) | (1 << 62)
+KEEP_SIZE, PUNCH_HOLE = 0x01, 0x02  # fallocate modes
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 class GuestMemory:
@@ -43,6 +47,13 @@ class GuestMemory:
         # reads or writes guest RAM through numpy holds the GIL and would freeze
         # this whole process on a missing page, so it calls ensure_present first.
         self.pages_pending = False
+
+    def punch(self, first: int, count: int) -> None:
+        """Give pages first..first+count-1 back (FALLOC_FL_PUNCH_HOLE): they
+        read as zero again and hold no memory."""
+        if _libc.fallocate(self.fd, PUNCH_HOLE | KEEP_SIZE, first * PAGE_SIZE, count * PAGE_SIZE):
+            err = ctypes.get_errno()
+            raise OSError(err, f"punching guest pages: {os.strerror(err)}")
 
     def mapped(self) -> np.ndarray:
         """Which pages this process's mapping maps now (/proc/self/pagemap:

@@ -70,6 +70,7 @@ class PrecopyStats:
     time_ns: int  # CLOCK_MONOTONIC when the batch was written
     stream_start_ns: int  # CLOCK_MONOTONIC when the helper began writing the stream
     policy_wait_ns: int  # time spent waiting for earlier precopy_policy answers (the difference between two calls' values is one round trip)
+    zero_pages: int = 0  # pages sent as XALLOC (all zero: no data), all iterations
 
     def to_wire(self):
         return _enc_PrecopyStats(self)
@@ -80,11 +81,11 @@ class PrecopyStats:
 
 
 def _enc_PrecopyStats(value):
-    return [value.iteration, value.total_written, value.dirty_count, value.iter_written, value.iter_remaining, value.iter_bytes, value.total_bytes, value.domain_pages, value.time_ns, value.stream_start_ns, value.policy_wait_ns]
+    return [value.iteration, value.total_written, value.dirty_count, value.iter_written, value.iter_remaining, value.iter_bytes, value.total_bytes, value.domain_pages, value.time_ns, value.stream_start_ns, value.policy_wait_ns, value.zero_pages]
 
 
 def _dec_PrecopyStats(value, where):
-    check_list(value, where, 11)
+    check_list(value, where, 12)
     return PrecopyStats(
         check_int(value[0], where + ".iteration", 0, 4294967295),
         check_int(value[1], where + ".total_written", 0, 18446744073709551615),
@@ -97,6 +98,7 @@ def _dec_PrecopyStats(value, where):
         check_int(value[8], where + ".time_ns", 0, 18446744073709551615),
         check_int(value[9], where + ".stream_start_ns", 0, 18446744073709551615),
         check_int(value[10], where + ".policy_wait_ns", 0, 18446744073709551615),
+        check_int(value[11], where + ".zero_pages", 0, 18446744073709551615),
     )
 
 

@@ -102,9 +102,9 @@ PAGE_TYPE_XALLOC = 0xE
 PAGE_TYPE_XTAB = 0xF
 _NO_DATA_TYPES = (PAGE_TYPE_BROKEN, PAGE_TYPE_XALLOC, PAGE_TYPE_XTAB)
 _RESERVED_TYPES = (0x5, 0x6, 0x7, 0x8)
-# Lookup tables by the 4-bit type: np.isin costs ~25 us even for one page,
-# and a postcopy page's whole budget is a few hundred.
-_HAS_NO_DATA = np.isin(np.arange(16), _NO_DATA_TYPES)
+# Lookup tables by the 4-bit type (np.isin costs ~25 us even for one page,
+# and a postcopy page's whole budget is a few hundred): HAS_NO_DATA[types].
+HAS_NO_DATA = np.isin(np.arange(16), _NO_DATA_TYPES)
 _IS_RESERVED = np.isin(np.arange(16), _RESERVED_TYPES)
 
 PAGE_DATA_HEADER = struct.Struct("<II")  # count, reserved
@@ -142,7 +142,7 @@ class PageData:
 
     @property
     def data_pfns(self) -> np.ndarray:
-        return self.pfns[~_HAS_NO_DATA[self.types]]
+        return self.pfns[~HAS_NO_DATA[self.types]]
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -262,7 +262,7 @@ def encode_page_data(pfns: np.ndarray, pages: list, types=None, postcopy=False) 
     if types is not None:
         types = np.asarray(types, dtype=np.uint64)
         entries = entries | (types << np.uint64(TYPE_SHIFT))
-        n_data = len(types) - int(np.count_nonzero(_HAS_NO_DATA[types]))
+        n_data = len(types) - int(np.count_nonzero(HAS_NO_DATA[types]))
     data_len = sum(memoryview(p).nbytes for p in pages)
     if data_len != n_data * limits.PAGE_SIZE:
         raise LocalProtocolError(
@@ -516,7 +516,7 @@ class LibxcDecoder:
             raise RemoteProtocolError(f"{name}: unrecognised page type", at + 16)
         pfns = entries & np.uint64(PFN_MASK)
         self._check_pfns(name, pfns, at)
-        n_data = len(types) - int(np.count_nonzero(_HAS_NO_DATA[types]))
+        n_data = len(types) - int(np.count_nonzero(HAS_NO_DATA[types]))
         expected = 8 + 8 * count + n_data * limits.PAGE_SIZE
         if len(body) != expected:
             raise RemoteProtocolError(

@@ -120,8 +120,8 @@ def raw_frame(body) -> bytes:
     "frame, rule",
     [
         (raw_frame([CALL, 99, []]), "unknown message id 99"),
-        (raw_frame([CALL, 11, [[1, 2]]]), "expected a list of 11 items"),
-        (raw_frame([CALL, 11, [[-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]]), "stats.iteration"),
+        (raw_frame([CALL, 11, [[1, 2]]]), "expected a list of 12 items"),
+        (raw_frame([CALL, 11, [[-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]]), "stats.iteration"),
         (raw_frame([CALL, 1, [3, 0, "c"]]), "expected a list of 4 items"),
         (raw_frame([CALL, 1, [256, 0, "c", "m"]]), "log.level"),
         (raw_frame([CALL, 1, [1, 0, b"bytes", "m"]]), "log.context"),

@@ -370,11 +370,16 @@ def test_the_helper_outlives_the_thread_that_forked_it_and_dies_with_the_toolsta
     import threading
     import time
 
+    from hypervisor import RunnerClient
     from protocol import Call, RpcConnection
     from protocol import _gen_helper_msgs as msgs
     from toolstack.host.helper_job import helper_command
 
     _proc, control = runners.start(workload=Workload(0.0, 1.0, 0.0, 1))
+    with RunnerClient(control) as runner:  # pages of data: the stream fills the pipe
+        ram = runner.map_guest_memory(writable=True)
+        ram.bytes[:] = 0x5A
+        ram.close()
     ours, theirs = socket.socketpair()
     stream_read, stream_write = os.pipe()  # never read: the helper's writev blocks
     cmd = [*helper_command(), "--save-domain", "--io-fd", str(stream_write)]
@@ -432,3 +437,43 @@ async def test_the_save_helper_does_not_keep_the_guest_it_has_sent_resident(host
     stats = await save_to_file(host, domain, os.path.join(short_tmp, "vm.save"))
     assert stats.pages_sent == 256 * MiB // 4096
     assert 8 * MiB < stats.helper_peak_rss < 128 * MiB
+
+
+async def test_a_zero_page_reads_zero_and_holds_no_memory(host, short_tmp):
+    """XALLOC: a page sent without data.  One this restore wrote before is
+    given back (it must read zero now); one never written stays a hole."""
+    from hypervisor import RunnerClient
+    from protocol.limits import PAGE_SIZE
+    from tests import streams
+
+    donor = await host.create(config("donor", memory=1 * MiB))  # for a valid vCPU context
+    await donor.runner.pause()
+    context = await donor.runner.get_context()
+    await host.destroy(donor)
+    xalloc = libxc.encode_page_data(
+        [5, 6], [], types=[libxc.PAGE_TYPE_XALLOC, libxc.PAGE_TYPE_XALLOC]
+    )
+    stream = streams.libxc_stream(pfns=(0, 1, 2, 5), extra=[xalloc], context=context)
+    path = os.path.join(short_tmp, "zeros.save")
+    with open(path, "wb") as f:
+        f.write(streams.save_file({"name": "vm", "memory_bytes": 1 * MiB}, stream))
+    domain = await restore_from_file(host, path, paused=True)
+    with RunnerClient(domain.control_path) as runner:
+        ram = runner.map_guest_memory()
+        try:
+            assert ram.data_extents() == [(0, 3)]  # 5 punched out, 6 never allocated
+            assert [bytes(ram.page_view(p)) == streams.page(p) for p in (0, 1, 2)] == [True] * 3
+            assert os.pread(ram.fd, PAGE_SIZE, 5 * PAGE_SIZE) == bytes(PAGE_SIZE)
+        finally:
+            ram.close()
+
+
+async def test_zero_pages_travel_without_data_and_arrive_as_zeros(host, short_tmp):
+    domain = await host.create(config(memory=16 * MiB))  # never touched: all holes
+    await domain.runner.pause()
+    digest = await domain.runner.digest()
+    path = os.path.join(short_tmp, "sparse.save")
+    await save_to_file(host, domain, path)
+    assert os.path.getsize(path) < 200_000  # 4096 pfn entries, no page data
+    restored = await restore_from_file(host, path, paused=True)
+    assert await restored.runner.digest() == digest
