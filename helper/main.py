@@ -48,6 +48,13 @@ def parse_args(argv):
         help="go on with a postcopy whose link broke (the stream is a resumed one)",
     )
     p.add_argument(
+        "--extra-fd",
+        type=int,
+        action="append",
+        default=[],
+        help="an extra connection of the migration (repeatable; shards.py)",
+    )
+    p.add_argument(
         "--postcopy-bandwidth",
         type=float,
         default=0.0,
@@ -62,11 +69,20 @@ def parse_args(argv):
 def run(args, link: ToolstackLink) -> None:
     with RunnerClient(args.domain) as domain:
         if args.save_domain:
-            job = Saver(domain, link, FdWriter(args.io_fd), live=args.live, postcopy=args.postcopy)
+            job = Saver(
+                domain,
+                link,
+                FdWriter(args.io_fd),
+                live=args.live,
+                postcopy=args.postcopy,
+                extra_fds=args.extra_fd,
+            )
             job.postcopy_bandwidth = args.postcopy_bandwidth * 1e6  # octets/s
             work = job.resume_postcopy if args.postcopy_resume else job.save
         else:
-            job = Restorer(domain, link, FdReader(args.io_fd), args.stream_offset)
+            job = Restorer(
+                domain, link, FdReader(args.io_fd), args.stream_offset, extra_fds=args.extra_fd
+            )
             work = job.resume_postcopy if args.postcopy_resume else job.restore
         try:
             work()

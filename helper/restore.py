@@ -21,6 +21,7 @@ from protocol.postcopy import ForwardRules
 
 from .fdio import FdReader, FdWriter
 from .postcopy import PostcopyReceiver, PrecopyPages, present, set_bitmap, set_from_bitmap
+from .shards import ShardError, ShardReader
 from .toolstack_link import ToolstackLink
 
 PROGRESS_INTERVAL = 0.2  # s between restore_progress messages while pages arrive
@@ -28,7 +29,12 @@ PROGRESS_INTERVAL = 0.2  # s between restore_progress messages while pages arriv
 
 class Restorer:
     def __init__(
-        self, domain: RunnerClient, link: ToolstackLink, reader: FdReader, stream_offset: int = 0
+        self,
+        domain: RunnerClient,
+        link: ToolstackLink,
+        reader: FdReader,
+        stream_offset: int = 0,
+        extra_fds: list[int] = (),
     ):
         self.domain = domain
         self.link = link
@@ -45,6 +51,12 @@ class Restorer:
         self.writer = FdWriter(reader.fd)  # postcopy: faults and COMPLETE go back
         self.uffd: int | None = None
         self.base = 0
+        # the extra connections' readers (shards.py), until their END
+        self.shard_octets = 0
+        self.shards = [
+            ShardReader(fd, i, self.memory.pages, self.write_pages)
+            for i, fd in enumerate(extra_fds, start=1)
+        ]
 
     def close(self) -> None:
         self.memory.close()
@@ -54,9 +66,12 @@ class Restorer:
             at = self.decoder.offset
             event = self.next_event()
             self.rules.event(event, at)
+            if self.shards and ends_the_pages(event):
+                self.join_shards()  # every page first, from every connection
             match event:
                 case libxc.PageData():
                     self.write_pages(event)
+                    self.pages_written += len(event.pfns)  # the extra readers count theirs
                     self.say_progress()
                 case libxc.Marker(type=libxc.REC_STATIC_DATA_END):
                     self.link.static_data_done(0)
@@ -131,13 +146,27 @@ class Restorer:
         PostcopyReceiver(self, self.rules, self.uffd, self.base, precopy).serve()
         self.link.restore_results(self.pages_written, 0, 0)
 
+    def join_shards(self) -> None:
+        """Wait for every extra connection's END, saying progress meanwhile."""
+        try:
+            while not all([shard.done(PROGRESS_INTERVAL) for shard in self.shards]):
+                self.say_progress()
+        except ShardError as exc:
+            raise RemoteProtocolError(str(exc)) from None
+        self.shard_octets = sum(shard.reader.read for shard in self.shards)
+        self.pages_written += sum(shard.pages for shard in self.shards)
+        self.shards = []
+
     def say_progress(self) -> None:
         """Tell the toolstack pages are arriving, at most every PROGRESS_INTERVAL:
         its deadline measures silence, and a restore that moves pages is not silent."""
         now = time.monotonic()
         if now - self.last_progress >= PROGRESS_INTERVAL:
             self.last_progress = now
-            self.link.restore_progress(self.pages_written, self.reader.read)
+            octets = self.reader.read + self.shard_octets
+            octets += sum(shard.reader.read for shard in self.shards)
+            pages = self.pages_written + sum(shard.pages for shard in self.shards)
+            self.link.restore_progress(pages, octets)
 
     def next_event(self):
         """The next record, reading exactly as many octets as it needs."""
@@ -160,7 +189,6 @@ class Restorer:
         pfns = event.pfns.astype(np.intp)
         has_data = ~libxc.HAS_NO_DATA[event.types]
         self.written[pfns] = True
-        self.pages_written += len(pfns)
         if not has_data.all():
             self.clear(pfns[~has_data])
         data_pfns = pfns[has_data]
@@ -179,6 +207,16 @@ class Restorer:
         self.stored[held] = False
         for first, last in runs(np.arange(len(held)), held):
             self.memory.punch(int(held[first]), last - first + 1)
+
+
+def ends_the_pages(event) -> bool:
+    """The first record after precopy's pages: the context, END or POSTCOPY_BEGIN."""
+    if isinstance(event, libxc.TscInfo | libxc.HvmContext | libxc.HvmParams):
+        return True
+    return isinstance(event, libxc.Marker) and event.type in (
+        libxc.REC_END,
+        libxc.REC_POSTCOPY_BEGIN,
+    )
 
 
 def runs(positions: np.ndarray, pfns: np.ndarray) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ The steps follow Xen's xg_sr_save.c:
                                            (meanwhile prepare_batch maps the
                                            next batch's pages)
     suspend_and_send_dirty               STOP_AND_COPY: pause, send the rest
+    end_shards                           END on every extra connection (shards.py)
     send_context                         TSC_INFO, HVM_CONTEXT, HVM_PARAMS
     END
 
@@ -33,6 +34,7 @@ from protocol.postcopy import ReturnRules
 
 from .fdio import FdWriter
 from .postcopy import PostcopySender, RecordStream, read_resume_list, return_decoder
+from .shards import ShardError, ShardWriter, shard_of
 from .toolstack_link import LOG_INFO, LOG_WARNING, ToolstackLink
 
 EMPTY_ITERATION_PAUSE = 0.005  # s: let a quiet guest dirty something before asking again
@@ -53,6 +55,7 @@ class Batch:
     types: np.ndarray | None
     views: list[memoryview]
     zero: int
+    shard: int = 0  # the connection it goes on (shards.py)
 
 
 class SaveAborted(Exception):
@@ -80,6 +83,7 @@ class Saver:
         writer: FdWriter,
         live: bool,
         postcopy: bool = False,
+        extra_fds: list[int] = (),
     ):
         self.domain = domain
         self.link = link
@@ -93,6 +97,9 @@ class Saver:
         self.policy_wait_ns = 0  # reported in every PrecopyStats: RPC cost, visible
         self.stop_requested = False
         self._extents: list[tuple[int, int]] | None = None  # data extents of a sweep
+        # the extra connections' writers (shards.py)
+        self.shards = [ShardWriter(fd, i) for i, fd in enumerate(extra_fds, start=1)]
+        self.extra_octets = 0  # what they wrote, once they ended
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, *_args) -> None:
@@ -115,6 +122,7 @@ class Saver:
         else:
             self.suspend_domain()
             self.send_pages(np.arange(self.pages, dtype=np.uint64), sweep=True)
+        self.end_shards()
         if postcopy_set is not None:
             self.send_postcopy(postcopy_set)
         else:
@@ -172,16 +180,16 @@ class Saver:
             if decision != PrecopyDecision.CONTINUE_PRECOPY:
                 return decision, pfns
         sweep = p.iteration == 0
-        prepared = self.prepare_batch(pfns[:MAX_BATCH_PAGES], sweep)
+        prepared = self.prepare(pfns[:MAX_BATCH_PAGES], sweep)
         for start in range(0, len(pfns), MAX_BATCH_PAGES):
             batch = pfns[start : start + MAX_BATCH_PAGES]
             with self.link.channel.together():  # progress and the call: the toolstack wakes once
-                self.send_batch(prepared)
+                self.send(prepared)
                 self.link.begin_precopy_policy(self.policy_stats())
             # The next batch needs its pages mapped whatever the answer (a
             # final pass sends them too): map them while the toolstack decides.
             following = pfns[start + MAX_BATCH_PAGES : start + 2 * MAX_BATCH_PAGES]
-            prepared = self.prepare_batch(following, sweep)
+            prepared = self.prepare(following, sweep)
             decision = self.wait_for_policy()
             if decision != PrecopyDecision.CONTINUE_PRECOPY:
                 return decision, pfns[start + len(batch) :]
@@ -260,7 +268,7 @@ class Saver:
         p.iter_written, p.iter_bytes, p.iter_total = 0, 0, len(pfns)
         for start in range(0, len(pfns), MAX_BATCH_PAGES):
             batch = pfns[start : start + MAX_BATCH_PAGES]
-            self.send_batch(self.prepare_batch(batch, sweep))
+            self.send(self.prepare(batch, sweep))
 
     def send_context(self) -> None:
         blob = self.domain.get_context()
@@ -333,22 +341,59 @@ class Saver:
             )
         return views
 
-    def send_batch(self, batch: Batch) -> None:
-        """One PAGE_DATA record of a prepared batch."""
+    def prepare(self, pfns: np.ndarray, sweep: bool) -> list[Batch]:
+        """A batch as one record per connection its pages go on (shards.py)."""
+        if not self.shards:
+            return [self.prepare_batch(pfns, sweep)]
+        shard = shard_of(pfns, len(self.shards) + 1)
+        batches = []
+        for index in np.unique(shard).tolist():
+            batch = self.prepare_batch(pfns[shard == index], sweep)
+            batch.shard = index
+            batches.append(batch)
+        return batches
+
+    def send(self, batches: list[Batch]) -> None:
+        """The PAGE_DATA records of a prepared batch, each on its connection."""
         if self.stop_requested:
             raise SaveAborted("the helper was asked to stop (SIGTERM)")
-        pfns = batch.pfns
-        written = self.writer.writev(libxc.encode_page_data(pfns, batch.views, batch.types))
-        # The kernel has copied the pages: let go of their mapping too.
-        first, end = int(pfns[0]), int(pfns[-1]) + 1
-        self.memory.unmap(first, end - first)
         p = self.progress
-        p.iter_written += len(pfns)
-        p.total_written += len(pfns)
-        p.zero_pages += batch.zero
-        p.iter_bytes += written
+        for batch in batches:
+            pfns = batch.pfns
+            if not len(pfns):
+                continue
+            record = libxc.encode_page_data(pfns, batch.views, batch.types)
+            first, end = int(pfns[0]), int(pfns[-1]) + 1
+            if batch.shard:  # written by its connection's thread, unmapped after
+                self.shards[batch.shard - 1].put(record, then=self.unmapper(first, end))
+                written = sum(memoryview(b).nbytes for b in record)
+            else:
+                written = self.writer.writev(record)
+                # The kernel has copied the pages: let go of their mapping too.
+                self.memory.unmap(first, end - first)
+            p.iter_written += len(pfns)
+            p.total_written += len(pfns)
+            p.zero_pages += batch.zero
+            p.iter_bytes += written
         doing = f"iteration {p.iteration}"
         self.link.progress("save", doing, p.iter_written, p.iter_total)
+
+    def unmapper(self, first: int, end: int):
+        return lambda: self.memory.unmap(first, end - first)
+
+    def end_shards(self) -> None:
+        """Every extra connection's last pages out, then its END: before the
+        main stream's context or POSTCOPY_BEGIN (shards.py)."""
+        try:
+            for shard in self.shards:
+                shard.end()
+        except ShardError as exc:
+            raise SaveAborted(str(exc)) from None
+        self.extra_octets = sum(shard.queued_octets for shard in self.shards)
+        self.shards = []
+
+    def stream_octets(self) -> int:
+        return self.writer.written + self.extra_octets + sum(s.queued_octets for s in self.shards)
 
     def ask_policy(self) -> PrecopyDecision:
         self.link.begin_precopy_policy(self.policy_stats())
@@ -371,7 +416,7 @@ class Saver:
             iter_written=p.iter_written,
             iter_remaining=p.iter_total - p.iter_written,
             iter_bytes=p.iter_bytes,
-            total_bytes=self.writer.written,
+            total_bytes=self.stream_octets(),
             domain_pages=self.pages,
             time_ns=time.monotonic_ns(),
             stream_start_ns=self.stream_start_ns,

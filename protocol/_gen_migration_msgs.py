@@ -248,19 +248,21 @@ class Migrate:
     migration_id: str  # chosen by the sender, the same in both daemons' journals
     verify: bool = False  # compute the RAM digest before Ready
     postcopy: bool = False  # the sender may switch to postcopy: refused here when this host cannot serve page faults
+    connections: int = 1  # TCP connections the precopy pages travel on: this one and connections-1 that `join` it before `stream` (docs/streams.md)
     SPEC: ClassVar[MessageSpec]
 
     def to_args(self):
-        return {"config": _enc_DomainConfig(self.config), "migration_id": self.migration_id, "verify": self.verify, "postcopy": self.postcopy}
+        return {"config": _enc_DomainConfig(self.config), "migration_id": self.migration_id, "verify": self.verify, "postcopy": self.postcopy, "connections": self.connections}
 
     @classmethod
     def from_args(cls, args):
-        check_fields(args, "migrate", frozenset(('config', 'migration_id', 'verify', 'postcopy',)), ('config', 'migration_id',))
+        check_fields(args, "migrate", frozenset(('config', 'migration_id', 'verify', 'postcopy', 'connections',)), ('config', 'migration_id',))
         return cls(
             config=_dec_DomainConfig(args["config"], "migrate" + ".config"),
             migration_id=check_pattern(check_str(args["migration_id"], "migrate" + ".migration_id"), "migrate" + ".migration_id", _PATTERN_0, 'a migration id is 32 lowercase hex digits'),
             verify=(check_bool(args["verify"], "migrate" + ".verify") if "verify" in args else False),
             postcopy=(check_bool(args["postcopy"], "migrate" + ".postcopy") if "postcopy" in args else False),
+            connections=(check_int(args["connections"], "migrate" + ".connections", 1, 8) if "connections" in args else 1),
         )
 
 
@@ -430,4 +432,37 @@ Resume.SPEC = MessageSpec(
 )
 
 
-TABLE = {spec.id: spec for spec in (m.SPEC for m in (Hello, Prove, Migrate, Stream, Go, Whereabouts, Finish, Resume,))}
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Join:
+    """An extra connection of migration `migration_id` (migrate's `connections`), number `index` (1 to connections-1), sent after the migrate request was accepted and before `stream`.  After the empty reply it carries a stream of precopy PAGE_DATA records and END (docs/streams.md), nothing else."""
+
+    migration_id: str
+    index: int
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return {"migration_id": self.migration_id, "index": self.index}
+
+    @classmethod
+    def from_args(cls, args):
+        check_fields(args, "join", frozenset(('migration_id', 'index',)), ('migration_id', 'index',))
+        return cls(
+            migration_id=check_pattern(check_str(args["migration_id"], "join" + ".migration_id"), "join" + ".migration_id", _PATTERN_0, 'a migration id is 32 lowercase hex digits'),
+            index=check_int(args["index"], "join" + ".index", 1, 7),
+        )
+
+
+def _dec_Join_reply(value, where):
+    return _dec_none(value, where)
+
+
+def _enc_Join_reply(value):
+    return None
+
+
+Join.SPEC = MessageSpec(
+    9, 'join', DIRECTION, 'any', True, False, Join, _dec_Join_reply, _enc_Join_reply
+)
+
+
+TABLE = {spec.id: spec for spec in (m.SPEC for m in (Hello, Prove, Migrate, Stream, Go, Whereabouts, Finish, Resume, Join,))}

@@ -13,10 +13,13 @@ the peer's).
     authenticated   migrate         -                accepted
     authenticated   whereabouts     -                closed
     authenticated   resume          -                postcopy
+    authenticated   join            -                pages
     accepted        stream          streaming        ready
     ready           go              -                running, or postcopy
     postcopy        finish          postcopy         closed
 
+A `join`ed connection is an extra one of a migration already accepted on
+another: in `pages` it carries raw precopy page records only, no frames.
 In `streaming` the migration stream travels as raw octets after the
 `stream` frame; no frame may come until the receiver has consumed it and
 replies.  A `Ready` that says postcopy was sent at the stream's
@@ -43,6 +46,7 @@ STREAMING = "streaming"
 READY = "ready"
 RUNNING = "running"
 POSTCOPY = "postcopy"
+PAGES = "pages"
 CLOSED = "closed"
 
 # state -> {call: (state while its reply is awaited, state after the reply)}
@@ -53,12 +57,13 @@ TRANSITIONS: dict[str, dict[str, tuple[str, str]]] = {
         "migrate": (AUTHENTICATED, ACCEPTED),
         "whereabouts": (AUTHENTICATED, CLOSED),
         "resume": (AUTHENTICATED, POSTCOPY),
+        "join": (AUTHENTICATED, PAGES),
     },
     ACCEPTED: {"stream": (STREAMING, READY)},
     READY: {"go": (READY, RUNNING)},  # POSTCOPY instead after a postcopy Ready
     POSTCOPY: {"finish": (POSTCOPY, CLOSED)},
 }
-AUTHENTICATED_STATES = (AUTHENTICATED, ACCEPTED, STREAMING, READY, RUNNING, POSTCOPY)
+AUTHENTICATED_STATES = (AUTHENTICATED, ACCEPTED, STREAMING, READY, RUNNING, POSTCOPY, PAGES)
 
 SENDER, RECEIVER = "sender", "receiver"
 
@@ -115,7 +120,7 @@ class Handshake:
 
     # -- either side -------------------------------------------------------------
     def receive_data(self, data) -> None:
-        if self.state == STREAMING and self.role == RECEIVER:
+        if self.state in (STREAMING, PAGES) and self.role == RECEIVER:
             raise LocalProtocolError("stream octets are not frames: read them elsewhere")
         self._rpc.receive_data(data)
 

@@ -334,8 +334,9 @@ class LibxcDecoder:
     """Feed bytes with `feed()` (any chunking), read events with `next_event()`.
 
     `max_pfns` is the domain's page count when known: pfns at or above it are
-    refused.  `records_only` starts at the records (no image or domain header:
-    the destination's POSTCOPY_FAULT/COMPLETE records to the source).  After END, `next_event()` keeps returning END's marker and
+    refused.  `records_only` starts at the records, past the static section
+    (no image or domain header: the destination's POSTCOPY_FAULT/COMPLETE
+    records to the source, or an extra connection's PAGE_DATA).  After END, `next_event()` keeps returning END's marker and
     `trailing()` hands back whatever was fed past it (the libxl layer's next
     record).  `wanted` says how many more octets the next event needs, so a
     reader sharing its fd with another layer can read exactly that much.
@@ -352,7 +353,7 @@ class LibxcDecoder:
         self._reader = RecordReader(max_record_length, start_offset)
         # records_only: the postcopy return direction, records without headers
         self._state = "records" if records_only else "image-header"
-        self._seen_static_end = False
+        self._seen_static_end = records_only  # records only: past the static section
         self._seen_pages = False
         self.version = IHDR_VERSION
 

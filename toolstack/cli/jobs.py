@@ -193,6 +193,13 @@ class Migrate(Command):
             help="switch to postcopy once the first pass over RAM is done (implies --postcopy)",
         )
         p.add_argument(
+            "--parallel-connections",
+            type=int,
+            default=1,
+            metavar="N",
+            help="TCP connections for precopy's pages (1-8, default 1)",
+        )
+        p.add_argument(
             "--postcopy-bandwidth",
             type=float,
             default=0.0,
@@ -220,6 +227,7 @@ class Migrate(Command):
             postcopy_after_precopy=args.postcopy_after_precopy,
             resume=args.resume,
             postcopy_bandwidth=args.postcopy_bandwidth,
+            parallel_connections=args.parallel_connections,
         )
         if args.json:
             emit_json(report)

@@ -58,7 +58,7 @@ class DaemonHandlers:
         """Restore a domain from a save file, like `xl restore`."""
         raise NotImplementedError("restore")
 
-    async def on_migrate(self, name: str, address: str, policy: str, settings: dict[str, int | float | str | bool], verify: bool, watch: bool, postcopy: bool, postcopy_after_precopy: bool, resume: bool, postcopy_bandwidth: float) -> JobReport:
+    async def on_migrate(self, name: str, address: str, policy: str, settings: dict[str, int | float | str | bool], verify: bool, watch: bool, postcopy: bool, postcopy_after_precopy: bool, resume: bool, parallel_connections: int, postcopy_bandwidth: float) -> JobReport:
         """Live-migrate a domain to the ferryd at `address`, like `xl migrate`."""
         raise NotImplementedError("migrate")
 
@@ -93,7 +93,7 @@ class DaemonHandlers:
         GuestCheck: lambda h, m: h.on_guest_check(m.name),
         Save: lambda h, m: h.on_save(m.name, m.file, m.live, m.keep, m.policy, m.settings, m.watch),
         Restore: lambda h, m: h.on_restore(m.file, m.name, m.paused, m.watch),
-        Migrate: lambda h, m: h.on_migrate(m.name, m.address, m.policy, m.settings, m.verify, m.watch, m.postcopy, m.postcopy_after_precopy, m.resume, m.postcopy_bandwidth),
+        Migrate: lambda h, m: h.on_migrate(m.name, m.address, m.policy, m.settings, m.verify, m.watch, m.postcopy, m.postcopy_after_precopy, m.resume, m.parallel_connections, m.postcopy_bandwidth),
         Job: lambda h, m: h.on_job(m.name),
         JobControl: lambda h, m: h.on_job_control(m.name, m.action, m.key, m.value),
         Policies: lambda h, m: h.on_policies(),

@@ -178,6 +178,7 @@ class ControlSession(DaemonHandlers):
         postcopy,
         postcopy_after_precopy,
         resume,
+        parallel_connections,
         postcopy_bandwidth,
     ) -> JobReport:
         if self.daemon.auth_key is None:
@@ -193,6 +194,7 @@ class ControlSession(DaemonHandlers):
         job.postcopy_allowed = postcopy
         job.postcopy_after_precopy = postcopy_after_precopy
         job.postcopy_bandwidth = postcopy_bandwidth
+        job.connections = parallel_connections
 
         async def work(job: Job) -> None:
             await migrate_send(self.daemon.site, job, domain, address, verify)

@@ -179,6 +179,7 @@ async def run_helper(
     postcopy: bool = False,
     resume: bool = False,
     postcopy_bandwidth: float = 0.0,
+    extra_fds: tuple[int, ...] = (),
 ) -> None:
     """Run a helper to completion; HelperFailed (one line) if it did not succeed.
     A helper that says nothing for `silence_timeout` s (DEADLINES.helper) is hung."""
@@ -195,10 +196,12 @@ async def run_helper(
         cmd.append("--postcopy-resume")  # a broken postcopy goes on over a new link
     if postcopy_bandwidth:
         cmd += ["--postcopy-bandwidth", repr(postcopy_bandwidth)]
+    for fd in extra_fds:
+        cmd += ["--extra-fd", str(fd)]  # the migration's extra connections
     if stream_offset:
         cmd += ["--stream-offset", str(stream_offset)]
     try:
-        proc = await trio.lowlevel.open_process(cmd, pass_fds=(io_fd, theirs.fileno()))
+        proc = await trio.lowlevel.open_process(cmd, pass_fds=(io_fd, theirs.fileno(), *extra_fds))
     finally:
         theirs.close()
     callbacks.process = proc

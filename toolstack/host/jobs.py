@@ -60,6 +60,7 @@ class Job:
         self.postcopy_allowed = False  # a migration started with --postcopy
         self.postcopy_after_precopy = False  # ... that switches once the first pass is done
         self.postcopy_bandwidth = 0.0  # MB/s its background push may use; 0: unlimited
+        self.connections = 1  # a migration's TCP connections for precopy pages
         self.done = trio.Event()
         self.error: str | None = None
         self.committed = False

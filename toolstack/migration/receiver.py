@@ -28,6 +28,7 @@ from ..host import HelperCallbacks, Job, JobStats, ToolstackError, faults, run_h
 from ..host.deadlines import DEADLINES
 from ..host.domains import INCONSISTENT
 from ..host.jobs import PostcopyAborted
+from .joining import Joining
 from .journal import DESTINATION, Record
 from .link import LinkError, MigrationLink
 from .ratelimit import RateLimitedLog
@@ -57,6 +58,8 @@ async def serve_migration(site: Site, stream) -> None:
             await link.answer(msgs.Location(state=state))
         elif isinstance(call.message, msgs.Resume):
             handed_over = await hand_to_paused_job(site, link, call.message)
+        elif isinstance(call.message, msgs.Join):
+            handed_over = await hand_to_incoming_job(site, link, call.message)
         else:
             await receive(site, link, call.message)
     except Refused as exc:
@@ -83,6 +86,20 @@ async def hand_to_paused_job(site: Site, link: MigrationLink, request) -> bool:
         return False
     await link.answer()
     job.resume_with(link)
+    return True
+
+
+async def hand_to_incoming_job(site: Site, link: MigrationLink, request) -> bool:
+    """An extra connection of a migration being received here: its job takes it."""
+    joining = site.joining.get(request.migration_id)
+    try:
+        if joining is None:
+            raise ToolstackError(f"no migration {request.migration_id} expects connections")
+        joining.add(request.index, link)
+    except ToolstackError as exc:
+        await link.refuse(str(exc))
+        return False
+    await link.answer()
     return True
 
 
@@ -153,24 +170,42 @@ async def receive(site: Site, link: MigrationLink, request) -> None:
 
 
 async def _build(site: Site, job: Job, link: MigrationLink, request) -> None:
-    config, stats, host, journal = request.config, job.stats, site.host, site.journal
+    config, stats, journal = request.config, job.stats, site.journal
     record = Record(
         request.migration_id, DESTINATION, config.name, stats.peer, "receiving", config.to_wire()
     )
     await journal.record(record, "receiving")
     job.on_failure("forget the migration", lambda: journal.remove(record.migration_id))
+    joining = site.joining[request.migration_id] = Joining(request.connections - 1)
+    try:
+        await _receive_stream(site, job, link, request, record, joining)
+    finally:
+        del site.joining[request.migration_id]
+        await joining.aclose()
+
+
+async def _receive_stream(site: Site, job: Job, link: MigrationLink, request, record, joining):
+    config, stats, host = request.config, job.stats, site.host
     domain = await host.create(config, incoming=True)
     job.own(domain)
     job.on_failure(f"destroy the half-built {config.name}", lambda: host.destroy(domain))
     await link.answer(msgs.Accepted(postcopy=request.postcopy))
 
     await link.next_call(DEADLINES.handshake, "the stream")
+    extras = await joining.wait(DEADLINES.handshake)
     await read_libxl_prefix(link)
     stats.phase = "restoring"
     callbacks = HelperCallbacks(domain, stats)
     switch = callbacks.run_guest_postcopy = RunGuest(site, job, domain, link, record)
     try:
-        await run_helper("restore", link.fileno, domain, callbacks, stream_offset=LIBXL_PREFIX)
+        await run_helper(
+            "restore",
+            link.fileno,
+            domain,
+            callbacks,
+            stream_offset=LIBXL_PREFIX,
+            extra_fds=tuple(extra.fileno for extra in extras),
+        )
     except ToolstackError as exc:
         if not switch.done:
             raise

@@ -87,13 +87,30 @@ async def migrate_send(site: Site, job: Job, domain: Domain, address: str, verif
     stats.peer = address
     stats.phase = "connecting"
     link = await connect(address)
+    extras: list[MigrationLink] = []  # more connections for the pages, once accepted
     try:
         await authenticate(link, site.key)
-        await _send(site, job, domain, link, verify)
+        await _send(site, job, domain, link, verify, extras)
     except LinkError as exc:
         raise MigrationFailed(f"destination {address}: {exc}") from None
     finally:
+        for extra in extras:
+            await extra.aclose()
         await link.aclose()
+
+
+async def join_extra_links(site: Site, job: Job, extras: list[MigrationLink]) -> None:
+    """The migration's extra connections (--parallel-connections), each
+    authenticated and joined to it; appended to `extras` as they open."""
+    for index in range(1, job.connections):
+        extra = await connect(job.stats.peer)
+        extras.append(extra)
+        await authenticate(extra, site.key)
+        request = msgs.Join(migration_id=job.migration_id, index=index)
+        try:
+            await extra.call(request, DEADLINES.handshake, "an answer to join")
+        except PeerRefused as exc:
+            raise MigrationFailed(f"destination refused connection {index}: {exc}") from None
 
 
 async def open_resume(site: Site, job: Job, address: str) -> MigrationLink:
@@ -113,7 +130,7 @@ async def open_resume(site: Site, job: Job, address: str) -> MigrationLink:
     return link
 
 
-async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verify: bool) -> None:
+async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verify: bool, extras):
     stats, journal = job.stats, site.journal
     if job.postcopy_allowed:  # an aborted postcopy renames it; that must not fail then
         site.host.check_socket_fits(domain.name + INCONSISTENT)
@@ -136,11 +153,13 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
         migration_id=record.migration_id,
         verify=verify,
         postcopy=job.postcopy_allowed,
+        connections=job.connections,
     )
     try:
         await link.call(request, DEADLINES.handshake, "an answer to the migrate request")
     except PeerRefused as exc:
         raise MigrationFailed(f"destination refused: {exc}") from None
+    await join_extra_links(site, job, extras)
 
     callbacks = HelperCallbacks(domain, stats, job.policy, site.budget_ms)
     callbacks.before_suspend = lambda: journal.record(record, "suspended")
@@ -148,7 +167,7 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
     callbacks.postcopy_after_precopy = job.postcopy_after_precopy
     switch = callbacks.switch_to_postcopy = Switch(site, job, domain, link, record)
     try:
-        await send_stream(link, domain, callbacks, job, switch)
+        await send_stream(link, domain, callbacks, job, switch, extras)
     except ToolstackError as exc:
         if not switch.done:
             raise
@@ -326,7 +345,9 @@ async def wait_until_running(site, job, domain, link, record) -> None:
         ) from None
 
 
-async def send_stream(link: MigrationLink, domain: Domain, callbacks, job: Job, switch) -> None:
+async def send_stream(
+    link: MigrationLink, domain: Domain, callbacks, job: Job, switch, extras
+) -> None:
     """The libxl stream around the save helper's libxc stream."""
     await link.send_call(msgs.Stream())
     await link.send_raw(libxl.encode_header() + libxl.encode_libxc_context())
@@ -339,6 +360,7 @@ async def send_stream(link: MigrationLink, domain: Domain, callbacks, job: Job, 
             live=True,
             postcopy=job.postcopy_allowed,
             postcopy_bandwidth=job.postcopy_bandwidth,
+            extra_fds=tuple(extra.fileno for extra in extras),
         )
     except ToolstackError as exc:
         if callbacks.abort_reason or switch.done:

@@ -22,6 +22,7 @@ class Site:
     resolver: object = None  # the daemon's Resolver (resolve.py), for in-doubt outcomes
     postcopy: tuple[bool, str] = (False, "not probed")  # can this host serve faults, or why not
     unauthenticated: int = 0  # connections still proving they hold the key
+    joining: dict = field(default_factory=dict)  # migration id -> Joining (joining.py)
 
     async def run_job(self, job: Job, work) -> None:
         """Start a job and wait until it ends."""
