@@ -26,8 +26,10 @@ resumed stream of records only (no headers, no libxl layer):
 `ForwardRules` and `ReturnRules` take the decoded libxc events of each
 direction and raise RemoteProtocolError, with the offset, for the first rule
 broken.  The restore helper, the save helper and `ferry verify-stream` all
-use them: one place for the order.  Memory is bounded by the stream: the set
-is a sorted array of the announced pfns, not a bitmap of the address space.
+use them: one place for the order.  Memory is bounded by the stream and the
+domain: the set is a sorted array of the announced pfns, not a bitmap of the
+address space, and a list (POSTCOPY_PFNS, POSTCOPY_RESUME) that repeats pfns
+is refused while it is read, before it outgrows the domain (`PfnListing`).
 """
 
 from __future__ import annotations
@@ -36,9 +38,80 @@ import numpy as np
 
 from . import libxc
 from .errors import RemoteProtocolError
+from .limits import MAX_BATCH_PAGES
 from .pfnsets import sorted_distinct
 
 PRECOPY, CONTEXT, PFNS, PAGES, ENDED = "precopy", "context", "pfns", "pages", "ended"
+
+# Page types a POSTCOPY_PAGE_DATA record may not carry: a page of the set is
+# one the guest has, so the source sends its data, or XALLOC for a zero page.
+# XTAB (no such page) or BROKEN (its contents lost) cannot be put under a
+# running guest: neither has a stand-in that is not a lie (indexed by type).
+NOT_A_POSTCOPY_PAGE = np.zeros(16, bool)
+NOT_A_POSTCOPY_PAGE[[libxc.PAGE_TYPE_XTAB, libxc.PAGE_TYPE_BROKEN]] = True
+TYPE_NAMES = {libxc.PAGE_TYPE_XTAB: "XTAB", libxc.PAGE_TYPE_BROKEN: "BROKEN"}
+
+
+class PfnListing:
+    """The pfns of a list that spans records (POSTCOPY_PFNS, POSTCOPY_RESUME),
+    each at most once, checked as they come so that memory stays within
+    about twice the distinct pfns (which the decoder keeps below the
+    domain's page count): a peer repeating pfns for ever is refused long
+    before it grows anything.
+
+    A repeat within a record is refused at once.  A record that starts
+    above every pfn listed before it (ferry's senders list in ascending
+    order) needs no other check.  Once another has come, the records not
+    merged yet are merged, and checked, when they hold as many pfns as the
+    merged part (at least a record's worth): linear work for ascending
+    lists, O(n log n) for any order, a repeat found within that much more
+    listing, and at the latest when the list ends (`close`)."""
+
+    def __init__(self, record: str) -> None:
+        self.record = record  # its name, for errors
+        self.merged = np.empty(0, np.uint64)  # sorted, distinct
+        self.pending: list[np.ndarray] = []  # each sorted and distinct
+        self.pending_count = 0
+        self.ascending = True  # each pending record starts above all before it
+        self.top = -1  # the highest pfn listed so far
+
+    @property
+    def parts(self) -> list[np.ndarray]:
+        """The pfns listed so far, in sorted arrays (the last ones not merged)."""
+        return ([self.merged] if len(self.merged) else []) + self.pending
+
+    def add(self, pfns: np.ndarray, offset: int) -> None:
+        ordered, repeated = sorted_distinct(pfns)
+        if not len(ordered):
+            return
+        if repeated:
+            self._twice(offset)
+        if int(ordered[0]) <= self.top:
+            self.ascending = False
+        self.top = max(self.top, int(ordered[-1]))
+        self.pending.append(ordered)
+        self.pending_count += len(ordered)
+        if not self.ascending and self.pending_count >= max(len(self.merged), MAX_BATCH_PAGES):
+            self._merge(offset)
+
+    def close(self, offset: int) -> np.ndarray:
+        """Every pfn listed, sorted (a repeat not found yet is refused now)."""
+        self._merge(offset)
+        return self.merged
+
+    def _merge(self, offset: int) -> None:
+        if not self.pending:
+            return
+        listed = np.concatenate(self.parts)
+        if not self.ascending:  # sorted runs: timsort merges them
+            listed = np.sort(listed, kind="stable")
+            if (listed[1:] == listed[:-1]).any():
+                self._twice(offset)
+        self.merged, self.pending, self.pending_count = listed, [], 0
+        self.ascending = True
+
+    def _twice(self, offset: int) -> None:
+        raise RemoteProtocolError(f"a pfn is listed twice in {self.record}", offset)
 
 
 class ForwardRules:
@@ -47,7 +120,7 @@ class ForwardRules:
 
     def __init__(self) -> None:
         self.state = PRECOPY
-        self._listed: list[np.ndarray] = []
+        self._listed = PfnListing("POSTCOPY_PFNS")
         self.pfns = np.empty(0, np.uint64)  # the set, sorted, once announced
         self.sent = np.empty(0, bool)  # parallel to pfns
         self.sent_count = 0
@@ -73,6 +146,16 @@ class ForwardRules:
     def event(self, event, offset: int) -> None:
         """Check one event of the stream (raises RemoteProtocolError)."""
         match event:
+            # the other direction's records first: no case below may take them
+            case (
+                libxc.PfnList(fault=True)
+                | libxc.PfnList(resume=True)
+                | libxc.Marker(type=libxc.REC_POSTCOPY_COMPLETE)
+                | libxc.Marker(type=libxc.REC_POSTCOPY_RESUME_END)
+            ):
+                raise RemoteProtocolError(
+                    f"{record_name(event)} goes from the destination to the source", offset
+                )
             case libxc.Marker(type=libxc.REC_POSTCOPY_BEGIN):
                 self._expect(PRECOPY, "POSTCOPY_BEGIN", offset)
                 self.state = CONTEXT
@@ -86,15 +169,23 @@ class ForwardRules:
                 if not self._context:
                     raise RemoteProtocolError("POSTCOPY_PFNS_BEGIN before the vCPU context", offset)
                 self.state = PFNS
-            case libxc.PfnList(fault=False):
+            case libxc.PfnList(fault=False, resume=False):
                 self._expect(PFNS, "POSTCOPY_PFNS", offset)
-                self._listed.append(event.pfns)
+                self._listed.add(event.pfns, offset)
             case libxc.Marker(type=libxc.REC_POSTCOPY_TRANSITION):
                 self._expect(PFNS, "POSTCOPY_TRANSITION", offset)
                 self._close_set(offset)
                 self.state = PAGES
             case libxc.PageData(postcopy=True):
                 self._expect(PAGES, "POSTCOPY_PAGE_DATA", offset)
+                if NOT_A_POSTCOPY_PAGE[event.types].any():
+                    bad = int(np.flatnonzero(NOT_A_POSTCOPY_PAGE[event.types])[0])
+                    kind = TYPE_NAMES[int(event.types[bad])]
+                    raise RemoteProtocolError(
+                        f"POSTCOPY_PAGE_DATA: pfn {int(event.pfns[bad]):#x} is typed {kind}: "
+                        "a page of the postcopy set comes with its data or as XALLOC",
+                        offset,
+                    )
                 self.page_data(event.pfns, offset)
             case libxc.Marker(type=libxc.REC_END) if self.postcopy:
                 self._expect(PAGES, "END", offset)
@@ -103,15 +194,6 @@ class ForwardRules:
                         f"END with {self.remaining} postcopy pages never sent", offset
                     )
                 self.state = ENDED
-            case (
-                libxc.PfnList(fault=True)
-                | libxc.PfnList(resume=True)
-                | libxc.Marker(type=libxc.REC_POSTCOPY_COMPLETE)
-                | libxc.Marker(type=libxc.REC_POSTCOPY_RESUME_END)
-            ):
-                raise RemoteProtocolError(
-                    f"{record_name(event)} goes from the destination to the source", offset
-                )
 
     def page_data(self, pfns: np.ndarray, offset: int) -> np.ndarray:
         """Mark `pfns` sent: each must be in the set and not sent before.
@@ -145,11 +227,8 @@ class ForwardRules:
         return np.array([i])
 
     def _close_set(self, offset: int) -> None:
-        listed = np.concatenate(self._listed) if self._listed else np.empty(0, np.uint64)
-        self._listed = []
-        self.pfns, repeated = sorted_distinct(listed)
-        if repeated:
-            raise RemoteProtocolError("a pfn is listed twice in POSTCOPY_PFNS", offset)
+        self.pfns = self._listed.close(offset)
+        self._listed = PfnListing("POSTCOPY_PFNS")
         self.sent = np.zeros(len(self.pfns), bool)
 
     def _expect(self, state: str, what: str, offset: int) -> None:
@@ -162,12 +241,18 @@ class ForwardRules:
 
 class ReturnRules:
     """The destination's records to the source: faults, then COMPLETE once.
-    `resumed`: first the list of pfns it lacks (RESUME ..., RESUME_END)."""
+    `resumed`: first the list of pfns it lacks (RESUME ..., RESUME_END), each
+    pfn once (a repeat is refused as it comes: see PfnListing)."""
 
     def __init__(self, resumed: bool = False) -> None:
         self.complete = False
         self.listing = resumed  # still reading the RESUME list
-        self.lacking: list[np.ndarray] = []
+        self._lacking = PfnListing("POSTCOPY_RESUME")
+
+    @property
+    def lacking(self) -> list[np.ndarray]:
+        """The pfns listed as lacking so far, in sorted arrays (one once listed)."""
+        return self._lacking.parts
 
     def event(self, event, offset: int) -> np.ndarray | None:
         """The faulted pfns of a POSTCOPY_FAULT (None for other records)."""
@@ -176,9 +261,10 @@ class ReturnRules:
         if self.listing:
             match event:
                 case libxc.PfnList(resume=True):
-                    self.lacking.append(event.pfns)
+                    self._lacking.add(event.pfns, offset)
                     return None
                 case libxc.Marker(type=libxc.REC_POSTCOPY_RESUME_END):
+                    self._lacking.close(offset)
                     self.listing = False
                     return None
             raise RemoteProtocolError(f"{record_name(event)} before POSTCOPY_RESUME_END", offset)
