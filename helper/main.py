@@ -23,6 +23,7 @@ from hypervisor import RpcError, RunnerClient
 from protocol import ProtocolError
 
 from .fdio import FdReader, FdWriter, StreamClosed
+from .postcopy import DestinationBrokeRules
 from .restore import Restorer
 from .save import SaveAborted, Saver
 from .toolstack_link import LOG_ERROR, ToolstackLink
@@ -140,8 +141,14 @@ def run_job(args) -> int:
     except SaveAborted as exc:
         return fail(link, context, errno.ECANCELED, str(exc))
     except ProtocolError as exc:
-        # a restore reads the stream; a save reads only RPC answers
-        what = "bad stream" if args.restore_domain else "bad answer from the toolstack or domain"
+        # a restore reads the stream; a save reads RPC answers, and in postcopy
+        # the destination's records too (faults, COMPLETE, the resume list)
+        if isinstance(exc, DestinationBrokeRules):
+            what = "the destination broke the postcopy stream's rules"
+        elif args.restore_domain:
+            what = "bad stream"
+        else:
+            what = "bad answer from the toolstack or domain"
         return fail(link, context, errno.EPROTO, f"{what}: {exc}")
     except StreamClosed as exc:
         return fail(link, context, errno.EPIPE, str(exc))

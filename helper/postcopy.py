@@ -57,6 +57,23 @@ NOTSENT_LOWAT = 64 << 10  # octets queued unsent at most before the sender may w
 PROGRESS_INTERVAL = 0.2  # s between postcopy_progress messages
 UNMAP_BATCH = 4096  # sent pages unmapped at once at the source (RSS bounded by 16 MiB)
 MAP_CHUNK = 2048  # precopy's pages mapped between two polls (~0.6 ms)
+# Records taken from the socket at once before they are acted on: the rest
+# wait in the socket (the peer's flood fills its buffers, not this helper),
+# and the other direction is served between two takes.
+TAKE_RECORDS = 64  # a flood of POSTCOPY_FAULT: 64 x 8 KiB
+TAKE_OCTETS = 1 << 20  # POSTCOPY_PAGE_DATA: a few records (each up to 4 MiB)
+ZEROS = bytes(64 * PAGE_SIZE)  # written over a stale page that became a zero page
+
+
+class DestinationBrokeRules(RemoteProtocolError):
+    """The destination's records to the source broke the postcopy stream's
+    rules (as opposed to an answer from this side's toolstack or domain)."""
+
+
+def from_the_destination(exc: RemoteProtocolError) -> DestinationBrokeRules:
+    if isinstance(exc, DestinationBrokeRules):
+        return exc
+    return DestinationBrokeRules(exc.rule, exc.offset)
 
 
 def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
@@ -82,13 +99,21 @@ class RecordStream:
         self.sock.close()
 
     def available(self) -> list:
-        """Every whole record that has arrived (perhaps none)."""
+        """The whole records that have arrived (perhaps none), at most
+        TAKE_RECORDS of them or about TAKE_OCTETS: a peer that writes faster
+        than this side acts leaves the rest in the socket, where poll() still
+        sees it, rather than growing this process.  The decoder is fed only
+        what the record being read still needs, so nothing is held back in
+        it when this returns."""
         events = []
+        started = self.octets
         while True:
             event = self.decoder.next_event()
             if event is not NEED_DATA:
                 events.append(event)
                 if self.decoder.done:
+                    return events
+                if len(events) >= TAKE_RECORDS or self.octets - started >= TAKE_OCTETS:
                     return events
                 continue
             # Exactly what the record still needs: a whole body arrives in one
@@ -121,10 +146,13 @@ def read_resume_list(incoming: RecordStream, rules: ReturnRules):
     faults = []
     while rules.listing:
         poller.poll()  # the helper's silence deadline in the toolstack bounds this
-        for event in incoming.available():
-            pfns = rules.event(event, incoming.decoder.offset)
-            if pfns is not None:
-                faults.append(pfns)
+        try:
+            for event in incoming.available():
+                pfns = rules.event(event, incoming.decoder.offset)
+                if pfns is not None:
+                    faults.append(pfns)
+        except RemoteProtocolError as exc:
+            raise from_the_destination(exc) from None
     listed = np.concatenate(rules.lacking) if rules.lacking else np.empty(0, np.uint64)
     return sorted_distinct(listed)[0], faults
 
@@ -190,10 +218,13 @@ class PostcopySender:
         return len(self.pfns) - self.pushed - self.requested
 
     def read_requests(self) -> None:
-        for event in self.incoming.available():
-            pfns = self.rules.event(event, self.incoming.decoder.offset)
-            if pfns is not None:
-                self.queue(pfns)
+        try:
+            for event in self.incoming.available():
+                pfns = self.rules.event(event, self.incoming.decoder.offset)
+                if pfns is not None:
+                    self.queue(pfns)
+        except RemoteProtocolError as exc:
+            raise from_the_destination(exc) from None
 
     def queue(self, pfns: np.ndarray) -> None:
         """Faulted pfns: each one of the set not yet sent nor queued goes to the
@@ -202,7 +233,7 @@ class PostcopySender:
         outside = self.pfns[index] != pfns
         if outside.any():
             bad = int(pfns[outside][0])
-            raise RemoteProtocolError(f"POSTCOPY_FAULT: pfn {bad:#x} is not in the postcopy set")
+            raise DestinationBrokeRules(f"POSTCOPY_FAULT: pfn {bad:#x} is not in the postcopy set")
         for i in index.tolist():
             if not self.sent[i] and not self.queued[i]:
                 self.queued[i] = True
@@ -401,13 +432,35 @@ class PostcopyReceiver:
                 self.install(event)
 
     def install(self, event: libxc.PageData) -> None:
-        """Put a batch's pages in place (the rules have checked each is new):
-        over a stale version the memfd holds, write then map; into a hole, copy."""
-        data = np.frombuffer(event.data, np.uint8)
+        """Put a batch's pages in place (the rules have checked each is new).
+        The data holds only the pages whose type carries data, in order; a
+        page without (XALLOC: a zero page; the rules refuse XTAB and BROKEN)
+        goes in as zeros, as the precopy restore makes it."""
+        no_data = libxc.HAS_NO_DATA[event.types]
+        if no_data.any():
+            self.install_zeros(event.pfns[no_data])
+            self.install_data(event.pfns[~no_data], event.data)
+        else:
+            self.install_data(event.pfns, event.data)
+        now = time.monotonic_ns()
+        for pfn in event.pfns.tolist():
+            started = self.waiting.pop(pfn, None)
+            if started is not None:
+                self.latencies.append(min((now - started) // 1000, 2**32 - 1))
+        self.restorer.pages_written += len(event.pfns)
+
+    def install_data(self, pfns: np.ndarray, octets) -> None:
+        """`pfns` with a page of `octets` each, in order: over a stale version
+        the memfd holds, write then map; into a hole, copy."""
+        if not len(pfns):
+            return
+        data = np.frombuffer(octets, np.uint8)
+        if len(data) != len(pfns) * PAGE_SIZE:  # the decoder checked it: never
+            raise RemoteProtocolError(f"{len(data)} octets of data for {len(pfns)} pages")
         source = data.ctypes.data
         position = 0
-        memfd, octets = self.restorer.memory.fd, memoryview(event.data)
-        pfn_runs = [(int(event.pfns[0]), 1)] if len(event.pfns) == 1 else runs(event.pfns)
+        memfd, octets = self.restorer.memory.fd, memoryview(octets)
+        pfn_runs = [(int(pfns[0]), 1)] if len(pfns) == 1 else runs(pfns)
         for first, count in pfn_runs:
             length = count * PAGE_SIZE
             for start, n, stale in split_by(self.stale, first, count):
@@ -419,12 +472,21 @@ class PostcopyReceiver:
                 else:
                     uffd.copy(self.uffd, address, source + at, n * PAGE_SIZE)
             position += length
-        now = time.monotonic_ns()
-        for pfn in event.pfns.tolist():
-            started = self.waiting.pop(pfn, None)
-            if started is not None:
-                self.latencies.append(min((now - started) // 1000, 2**32 - 1))
-        self.restorer.pages_written += len(event.pfns)
+
+    def install_zeros(self, pfns: np.ndarray) -> None:
+        """Zero pages: over a stale version the memfd holds, write zeros then
+        map; into a hole, the kernel's zero page."""
+        memfd = self.restorer.memory.fd
+        for first, count in runs(np.sort(pfns)):
+            for start, n, stale in split_by(self.stale, first, count):
+                address = self.base + start * PAGE_SIZE
+                if stale:
+                    for at in range(0, n * PAGE_SIZE, len(ZEROS)):
+                        size = min(len(ZEROS), n * PAGE_SIZE - at)
+                        write_all(memfd, memoryview(ZEROS)[:size], start * PAGE_SIZE + at)
+                    uffd.continue_(self.uffd, address, n * PAGE_SIZE)
+                else:
+                    uffd.zeropage(self.uffd, address, n * PAGE_SIZE)
 
     def read_to_end(self, poller) -> None:
         """After COMPLETE the source ends its stream: END, nothing else."""

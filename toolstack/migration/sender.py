@@ -276,7 +276,10 @@ async def continue_postcopy(site: Site, job: Job, domain: Domain, record, why: s
     new link, as often as the link breaks; an abort instead ends it without
     a rollback (the copy is renamed NAME--postcopy-inconsistent and kept)."""
     while True:
-        why = f"{why}; resume with `ferry migrate {domain.name} HOST:PORT --resume`"
+        why = (
+            f"{why}; the guest runs at {record.peer}; "
+            f"resume with `ferry migrate {domain.name} {record.peer} --resume`"
+        )
         try:
             link = await job.pause(why)
         except PostcopyAborted:
