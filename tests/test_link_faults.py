@@ -57,6 +57,7 @@ def migrate_in_background(a, proxy, *flags):
 
 def wait_for_phase(daemon, phases, iteration=0, seconds=30):
     deadline = time.monotonic() + seconds
+    job = None
     while time.monotonic() < deadline:
         try:
             job = daemon.call("job", name="vm1")
@@ -65,7 +66,8 @@ def wait_for_phase(daemon, phases, iteration=0, seconds=30):
         except DaemonError:
             pass
         time.sleep(0.02)
-    raise AssertionError(f"the job never reached {phases}")
+    last = "no job" if job is None else f"{job.phase}, iteration {job.iteration}: {job.error!r}"
+    raise AssertionError(f"the job never reached {phases} (last seen: {last})")
 
 
 def assert_source_as_before(a, was="running"):

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import trio
 from conftest import ferry
 from peers import Peer
 
@@ -18,6 +19,7 @@ from protocol import _gen_migration_msgs as msgs
 from protocol._gen_control_msgs import DomainConfig
 from protocol.rpc import ErrorReply
 from toolstack.harness import FaultProxy
+from toolstack.migration.joining import Joining
 
 MiB = 1 << 20
 SHORT = ["--deadline", "helper=3", "--deadline", "handshake=3", "--deadline", "ready=3"]
@@ -146,3 +148,10 @@ def test_extra_connections_that_never_join_fail_the_receiver_in_time(cluster):
         time.sleep(0.1)
     with open(b.log) as f:
         assert "2 of the sender's 2 extra connections did not join" in f.read()
+
+
+async def test_a_migration_on_one_connection_waits_for_no_joiners():
+    """With one connection nobody joins: the receiver starts at once (a wait
+    here once held every migration for the handshake deadline)."""
+    with trio.fail_after(1):
+        assert await Joining(0).wait(30) == []

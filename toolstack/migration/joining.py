@@ -21,6 +21,8 @@ class Joining:
         self.count = count
         self.links: dict[int, MigrationLink] = {}
         self._all_here = trio.Event()
+        if count == 0:
+            self._all_here.set()  # one connection: nobody to wait for
         self.closed = False
 
     def add(self, index: int, link: MigrationLink) -> None:
