@@ -278,20 +278,16 @@ def test_a_fallback_to_postcopy_not_allowed_aborts_and_the_source_runs_on(pair):
     assert listed(b) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: migrate --verify with postcopy verifies nothing and says nothing: exit 0, "
-    "integrity null (digests need all of RAM before the switch); it should be refused, or "
-    "give a verdict",
-)
-def test_verify_with_postcopy_is_refused_or_gives_a_verdict(pair):
+@pytest.mark.parametrize("flag", ["--postcopy", "--postcopy-after-precopy"])
+def test_verify_with_postcopy_is_refused_before_anything_moves(pair, flag):
+    """The digests compare all of RAM before the guest runs at the destination;
+    after a postcopy switch it runs there first: refused, the guest stays."""
     a, b = pair
     create(a, memory=32 * MiB, rate=20_000)
-    flags = ["--postcopy-after-precopy", "--verify", "--json"]
-    r = ferry(a, "migrate", "vm1", b.address, *flags, check=False)
-    report = json.loads(r.stdout)
-    assert r.returncode == 1 or report["integrity"] is not None, report
+    r = ferry(a, "migrate", "vm1", b.address, flag, "--verify", check=False)
+    assert r.returncode == 1
+    assert "--verify cannot check a postcopy migration" in one_line(r.stderr), r.stderr
+    assert listed(a) == {"vm1": "running"} and listed(b) == {}
 
 
 # -- integrity -------------------------------------------------------------------------
@@ -427,14 +423,6 @@ def test_destination_killed_after_the_switch(pair, killed, then):
         thread.join(30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: when the guest's runner dies at the destination during postcopy, the "
-    "destination pauses its job on 'No such process' and invites a resume that cannot work: "
-    "--resume fails with 'Connection refused' there and the source answers with the same "
-    "'resume with ...' line, for ever; a restarted ferryd says 'the guest is lost here'",
-)
 def test_a_resume_after_the_destinations_guest_died_says_so(pair):
     a, b = pair
     thread, outcome = start_capped_postcopy(a, b)
@@ -445,7 +433,35 @@ def test_a_resume_after_the_destinations_guest_died_says_so(pair):
         r = ferry(a, "migrate", "vm1", b.address, "--resume", check=False)
         assert r.returncode == 1
         line = one_line(r.stderr)
-        assert "--resume" not in line and ("lost" in line or "runner" in line), line
+        assert "--resume" not in line and "runner died here" in line and "lost" in line, line
+        assert listed(b) == {}  # nothing half-alive left at the destination
+        job = b.call("job", name="vm1")
+        assert job.phase == "failed" and "the guest is lost" in job.error, job.error
+        assert_kept_paused(a, "migrate")  # the stale copy: an operator's to abort
+    finally:
+        thread.join(30)
+
+
+def test_a_guest_that_dies_while_postcopy_is_paused_is_not_resumed(pair):
+    """The destination's ferryd dies and comes back paused; then the guest's
+    runner dies there too: the resume is refused, the half-guest removed."""
+    a, b = pair
+    thread, outcome = start_capped_postcopy(a, b)
+    try:
+        b.stop(signal.SIGKILL)
+        thread.join(30)
+        assert_paused_line(outcome)
+        b.start()
+        assert_kept_paused(b, "migrate-receive")
+        os.kill(runner_of(b), signal.SIGKILL)
+        r = ferry(a, "migrate", "vm1", b.address, "--resume", check=False)
+        line = one_line(r.stderr)
+        assert r.returncode == 1 and "runner died here" in line and "lost" in line, line
+        deadline = time.monotonic() + 15
+        while listed(b):
+            assert time.monotonic() < deadline, listed(b)
+            time.sleep(0.1)
+        assert journal(b) == []
     finally:
         thread.join(30)
 

@@ -187,6 +187,13 @@ class ControlSession(DaemonHandlers):
             return await self._resume(name, address, watch, postcopy_bandwidth)
         if postcopy_after_precopy and not postcopy:
             raise ToolstackError("postcopy_after_precopy needs postcopy (migrate --postcopy)")
+        if verify and postcopy:
+            # the digests compare all of RAM before the guest runs at the
+            # destination; after a postcopy switch it runs there first
+            raise ToolstackError(
+                "--verify cannot check a postcopy migration: the guest runs at the destination "
+                "before all of its RAM is there to compare (drop --verify or --postcopy)"
+            )
         domain = self._idle_domain(name)
         steer = self.daemon.policies.make(policy, settings)  # a bad setting fails here, early
         job = Job(JobStats("migrate", name, domain.config.memory_bytes), steer)

@@ -149,6 +149,12 @@ class Job:
         self.pause_reason = None  # resumed from now on, for anyone who looks
         self._resumed.set()
 
+    def abort_paused(self, reason: str) -> None:
+        """End a paused postcopy's wait: `pause` raises PostcopyAborted(reason)."""
+        if self._pause_scope is not None:
+            self._abort_reason = reason
+            self._pause_scope.cancel()
+
     def control(self, action: str, key: str = "", value: str = "", budget_ms=None) -> str:
         """An operator's order: abort ends the job now (before its commit point,
         or while postcopy is paused); stop-and-copy, postcopy and set reach the
@@ -156,9 +162,8 @@ class Job:
         if not self.running:
             raise ToolstackError(f"the {self.kind} job of {self.stats.domain} is over")
         if action == "abort" and self._pause_scope is not None:
-            self._abort_reason = "aborted by the operator while postcopy was paused"
+            self.abort_paused("aborted by the operator while postcopy was paused")
             self.stats.decision = "abort: operator requested abort (postcopy paused)"
-            self._pause_scope.cancel()
             return "abort requested: the guest's pages stay split; both copies are kept"
         if action == "abort":
             if self.committed:

@@ -79,10 +79,21 @@ async def hand_to_paused_job(site: Site, link: MigrationLink, request) -> bool:
     """Recovery: a sender resumes a postcopy paused here; its paused job takes
     this link over (and closes it)."""
     job = site.jobs.get(request.name)
+    if job is not None and job.migration_id == request.migration_id and job.error:
+        # ended here for good (its guest lost, or aborted): no resume can help
+        await link.refuse(
+            f"migration {request.migration_id} of {request.name} ended here: {job.error}"
+        )
+        return False
     if job is None or job.migration_id != request.migration_id or job.pause_reason is None:
         await link.refuse(
             f"no paused postcopy migration {request.migration_id} of {request.name} here"
         )
+        return False
+    domain = site.host.domains.get(request.name)
+    if domain is None or runner_exited(domain):
+        await link.refuse(f"{request.name}'s runner died here during postcopy: {GUEST_LOST}")
+        job.abort_paused("its runner died while postcopy was paused")  # continue_receiving ends it
         return False
     await link.answer()
     job.resume_with(link)
@@ -312,10 +323,14 @@ async def continue_receiving(site: Site, job: Job, domain, record, why: str) -> 
     missing pages (the runner keeps the userfaultfd: they read as nothing,
     never as zeros) until the sender resumes, as often as it breaks."""
     while True:
+        if runner_exited(domain):
+            await lose_guest(site, domain, record)
         why = f"{why}; the source resumes it with `ferry migrate {domain.name} HOST:PORT --resume`"
         try:
             link = await job.pause(why)
         except PostcopyAborted:
+            if runner_exited(domain):
+                await lose_guest(site, domain, record)
             await mark_inconsistent(site, domain, record)
             raise PostcopyAborted(
                 f"postcopy aborted: the guest here lacks pages still at the source; kept for "
@@ -330,6 +345,23 @@ async def continue_receiving(site: Site, job: Job, domain, record, why: str) -> 
             why = str(exc)
         finally:
             await link.aclose()
+
+
+GUEST_LOST = "the guest is lost (the source's copy lacks what it wrote here); nothing to resume"
+
+
+def runner_exited(domain) -> bool:
+    """The guest's runner is gone: a postcopy guest's memory and vCPUs with it."""
+    return domain.process is not None and domain.process.poll() is not None
+
+
+async def lose_guest(site: Site, domain, record) -> None:
+    """Postcopy's guest died here: neither host has it whole any more, and
+    the source must not be told to resume.  Nothing is left to keep."""
+    log.error("%s: its runner died during postcopy; the guest is lost here", record.name)
+    await site.journal.remove(record.migration_id)
+    await site.host.destroy(domain)
+    raise ToolstackError(f"{domain.name}'s runner died here during postcopy: {GUEST_LOST}")
 
 
 async def read_libxl_prefix(link: MigrationLink) -> None:
