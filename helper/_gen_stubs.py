@@ -53,9 +53,9 @@ class ToolstackStubs:
         """What the restore produced: pages written and the special pfns."""
         return self.channel.call(RestoreResults(pages, store_gfn, console_gfn))
 
-    def complete(self, retval: int, errnoval: int, message: str, peak_rss: int) -> None:
+    def complete(self, retval: int, errnoval: int, message: str, peak_rss: int, zero_pages: int) -> None:
         """The helper is done: retval 0 on success, else errnoval and a one-line reason. Last message."""
-        return self.channel.call(Complete(retval, errnoval, message, peak_rss))
+        return self.channel.call(Complete(retval, errnoval, message, peak_rss, zero_pages))
 
     def precopy_policy(self, stats: PrecopyStats) -> PrecopyDecision:
         """Sent after every precopy batch; the helper obeys the decision."""
@@ -116,9 +116,9 @@ class AsyncToolstackStubs:
         """What the restore produced: pages written and the special pfns."""
         return await self.channel.call(RestoreResults(pages, store_gfn, console_gfn))
 
-    async def complete(self, retval: int, errnoval: int, message: str, peak_rss: int) -> None:
+    async def complete(self, retval: int, errnoval: int, message: str, peak_rss: int, zero_pages: int) -> None:
         """The helper is done: retval 0 on success, else errnoval and a one-line reason. Last message."""
-        return await self.channel.call(Complete(retval, errnoval, message, peak_rss))
+        return await self.channel.call(Complete(retval, errnoval, message, peak_rss, zero_pages))
 
     async def precopy_policy(self, stats: PrecopyStats) -> PrecopyDecision:
         """Sent after every precopy batch; the helper obeys the decision."""

@@ -67,7 +67,8 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run(args, link: ToolstackLink) -> None:
+def run(args, link: ToolstackLink) -> int:
+    """The job; returns the pages a save sent as zeros, without data."""
     with RunnerClient(args.domain) as domain:
         if args.save_domain:
             job = Saver(
@@ -89,6 +90,7 @@ def run(args, link: ToolstackLink) -> None:
             work()
         finally:
             job.close()
+        return job.progress.zero_pages if args.save_domain else 0
 
 
 def die_with_toolstack(rpc_fd: int) -> None:
@@ -137,7 +139,7 @@ def run_job(args) -> int:
     link = ToolstackLink(args.rpc_fd)
     context = "save" if args.save_domain else "restore"
     try:
-        run(args, link)
+        zero_pages = run(args, link)
     except SaveAborted as exc:
         return fail(link, context, errno.ECANCELED, str(exc))
     except ProtocolError as exc:
@@ -161,7 +163,7 @@ def run_job(args) -> int:
         detail = f"{type(exc).__name__}: {exc} ({os.path.basename(where.filename)}:{where.lineno})"
         return fail(link, context, errno.EIO, f"internal error in the helper: {detail}")
     try:
-        link.complete(0, 0, "", peak_rss())
+        link.complete(0, 0, "", peak_rss(), zero_pages)
     except (RpcError, OSError):
         return 1  # done, but nobody is left to hear it
     return 0
@@ -184,7 +186,7 @@ def peak_rss() -> int:
 def fail(link: ToolstackLink, context: str, errnoval: int, message: str) -> int:
     try:
         link.say(LOG_ERROR, context, message, errnoval)
-        link.complete(-1, errnoval, message, peak_rss())
+        link.complete(-1, errnoval, message, peak_rss(), 0)
     except (RpcError, OSError):
         pass  # the toolstack is gone: nobody left to tell
     return 1

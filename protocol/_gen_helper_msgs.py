@@ -397,19 +397,21 @@ class Complete:
     errnoval: int
     message: str
     peak_rss: int  # the helper's peak resident set in octets, mapped guest RAM included
+    zero_pages: int  # save: the pages sent as zeros, without data (all passes); restore: 0
     SPEC: ClassVar[MessageSpec]
 
     def to_args(self):
-        return [self.retval, self.errnoval, self.message, self.peak_rss]
+        return [self.retval, self.errnoval, self.message, self.peak_rss, self.zero_pages]
 
     @classmethod
     def from_args(cls, args):
-        check_list(args, "complete", 4)
+        check_list(args, "complete", 5)
         return cls(
             check_int(args[0], "complete" + ".retval", -9223372036854775808, 9223372036854775807),
             check_int(args[1], "complete" + ".errnoval", -9223372036854775808, 9223372036854775807),
             check_str(args[2], "complete" + ".message"),
             check_int(args[3], "complete" + ".peak_rss", 0, 18446744073709551615),
+            check_int(args[4], "complete" + ".zero_pages", 0, 18446744073709551615),
         )
 
 

@@ -473,7 +473,8 @@ async def test_zero_pages_travel_without_data_and_arrive_as_zeros(host, short_tm
     await domain.runner.pause()
     digest = await domain.runner.digest()
     path = os.path.join(short_tmp, "sparse.save")
-    await save_to_file(host, domain, path)
+    stats = await save_to_file(host, domain, path)
     assert os.path.getsize(path) < 200_000  # 4096 pfn entries, no page data
+    assert stats.zero_pages == 16 * MiB // 4096
     restored = await restore_from_file(host, path, paused=True)
     assert await restored.runner.digest() == digest

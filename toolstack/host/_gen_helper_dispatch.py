@@ -50,7 +50,7 @@ class ToolstackHandlers:
         """What the restore produced: pages written and the special pfns."""
         raise NotImplementedError("restore_results")
 
-    async def on_complete(self, retval: int, errnoval: int, message: str, peak_rss: int) -> None:
+    async def on_complete(self, retval: int, errnoval: int, message: str, peak_rss: int, zero_pages: int) -> None:
         """The helper is done: retval 0 on success, else errnoval and a one-line reason. Last message."""
         raise NotImplementedError("complete")
 
@@ -83,7 +83,7 @@ class ToolstackHandlers:
         SwitchLogdirty: lambda h, m: h.on_switch_logdirty(m.enable),
         StaticDataDone: lambda h, m: h.on_static_data_done(m.missing),
         RestoreResults: lambda h, m: h.on_restore_results(m.pages, m.store_gfn, m.console_gfn),
-        Complete: lambda h, m: h.on_complete(m.retval, m.errnoval, m.message, m.peak_rss),
+        Complete: lambda h, m: h.on_complete(m.retval, m.errnoval, m.message, m.peak_rss, m.zero_pages),
         PrecopyPolicy: lambda h, m: h.on_precopy_policy(m.stats),
         RestoreProgress: lambda h, m: h.on_restore_progress(m.pages, m.octets),
         PostcopyTransition: lambda h, m: h.on_postcopy_transition(),

@@ -131,10 +131,12 @@ class HelperCallbacks(ToolstackHandlers):
     async def on_restore_results(self, pages, store_gfn, console_gfn) -> None:
         self.restored_pages = pages
 
-    async def on_complete(self, retval, errnoval, message, peak_rss) -> None:
+    async def on_complete(self, retval, errnoval, message, peak_rss, zero_pages) -> None:
         self.completed = (retval, errnoval, message)
         self.stats.stream_end_ns = time.monotonic_ns()
         self.stats.helper_peak_rss = peak_rss
+        if retval == 0:
+            self.stats.zero_pages = zero_pages
 
     async def on_precopy_policy(self, stats) -> PrecopyDecision:
         s = self.stats

@@ -90,6 +90,7 @@ class JobStats:
     ended_ns: int | None = None
     iterations: list[Iteration] = field(default_factory=list)
     pages_sent: int = 0
+    zero_pages: int = 0  # of pages_sent, sent without data (precopy batches)
     bytes_sent: int = 0
     remaining_pages: int | None = None
     estimate: Estimator = field(default_factory=Estimator)
@@ -136,6 +137,7 @@ class JobStats:
             stats.dirty_count,
         )
         self.pages_sent = stats.total_written
+        self.zero_pages = stats.zero_pages
         self.bytes_sent = stats.total_bytes
         self.remaining_pages = stats.iter_remaining
 
@@ -230,6 +232,7 @@ class JobStats:
             memory_remaining_bytes=remaining,
             pages_sent=self.pages_sent,
             bytes_sent=self.bytes_sent,
+            zero_pages=self.zero_pages,
             dirty_rate_pages_s=_round(e.dirty_rate),
             bandwidth_mb_s=_round(e.bandwidth and e.bandwidth / 1e6),
             expected_downtime_ms=_round(e.expected_downtime_ms),
