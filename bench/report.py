@@ -1,6 +1,6 @@
 """`ferry bench`: ferry's speed as ratios to what this machine does without it.
 
-Seven measurements, each next to its baseline from the same run:
+Eight measurements, each next to its baseline from the same run:
 
     stream      live migration of an idle, filled domain between two daemons
                 on loopback (MB/s of the helper's stream)   vs  raw_stream
@@ -8,6 +8,9 @@ Seven measurements, each next to its baseline from the same run:
                 p50/p99                                     vs  raw_ping_pong
                 and the share of precopy the helper spent waiting for answers
     downtime    a domain dirtying 5,000 pages/s, converge policy, 300 ms limit
+    downtime_table  converge with a 100 ms limit at dirty rates from 0 to
+                50,000 pages/s, three runs: expected and measured downtime,
+                their ratio, within the limit (bench/downtime_table.py)
     restore     a save file restored from the page cache    vs  raw_read
     helper_rss  the save helper's peak RSS saving a 4 GiB domain
     peers       a whole migration of an idle domain holding 2 GiB of random
@@ -33,7 +36,7 @@ import trio
 
 from toolstack.harness import HarnessError
 
-from . import baselines, measure, postcopy, qemu_peer
+from . import baselines, downtime_table, measure, postcopy, qemu_peer
 from .rpc_round_trips import rpc_round_trips
 
 GiB = 1 << 30
@@ -42,6 +45,9 @@ MiB = 1 << 20
 FULL = {
     "stream_bytes": 2 * GiB,
     "downtime_bytes": 1 * GiB,
+    "downtime_table_bytes": 1 * GiB,
+    "downtime_table_rates": downtime_table.RATES,
+    "downtime_table_runs": 3,
     "restore_bytes": 2 * GiB,
     "rss_bytes": 4 * GiB,
     "peers_bytes": 2 * GiB,
@@ -52,6 +58,9 @@ FULL = {
 QUICK = {
     "stream_bytes": 256 * MiB,
     "downtime_bytes": 256 * MiB,
+    "downtime_table_bytes": 256 * MiB,
+    "downtime_table_rates": downtime_table.QUICK_RATES,
+    "downtime_table_runs": 1,
     "restore_bytes": 256 * MiB,
     "rss_bytes": 512 * MiB,
     "peers_bytes": 256 * MiB,
@@ -71,6 +80,10 @@ TARGETS = [
     ("rpc", "p50_us", "<=", 60.0),
     ("rpc", "share_of_precopy", "<=", 0.03),
     ("downtime", "ratio", "<=", 1.0),
+    # issue 14: converge's estimate keeps its promise at every dirty rate, every run
+    ("downtime_table", "ratio_min", ">=", 0.5),
+    ("downtime_table", "ratio_max", "<=", 2.0),
+    ("downtime_table", "within_limit", ">=", True),
     ("helper_rss", "peak_rss_bytes", "<=", 128 * MiB),
     ("peers", "ratio", ">=", 1.0),
     # issue 12: postcopy (medians of the rounds)
@@ -95,6 +108,12 @@ def run_bench(quick: bool) -> dict:
         report["stream"], migration = bench_stream(hosts, sizes["stream_bytes"], rounds)
         report["rpc"] = bench_rpc(sizes["rpcs"], migration, rounds)
         report["downtime"] = bench_downtime(hosts, sizes["downtime_bytes"])
+        report["downtime_table"] = downtime_table.bench_downtime_table(
+            hosts,
+            sizes["downtime_table_bytes"],
+            sizes["downtime_table_rates"],
+            sizes["downtime_table_runs"],
+        )
         report["restore"] = bench_restore(hosts, sizes["restore_bytes"], rounds)
         report["helper_rss"] = bench_helper_rss(hosts, sizes["rss_bytes"])
         report["postcopy"] = postcopy.bench_postcopy(
@@ -325,6 +344,7 @@ def print_table(report: dict) -> None:
             m["ratio"],
         ),
     ]
+    rows.extend(downtime_table.table_rows(report.get("downtime_table")))
     rows.extend(postcopy_rows(report.get("postcopy")))
     rows.extend(peer_rows(report.get("peers", {})))
     print(f"{'':<16} {'ferry':>20} {'baseline':>26} {'ratio':>7}")

@@ -7,7 +7,7 @@ import pytest
 from protocol._gen_helper_msgs import PrecopyDecision, PrecopyStats
 from toolstack.host.stats import JobStats
 from toolstack.policies import ConvergePolicy, PolicyRegistry, XenPolicy
-from toolstack.policies.estimate import Estimator
+from toolstack.policies.estimate import DEFAULT_COMMIT_MS, Estimator, _distinct, _writes
 
 
 def make_policy(name, **settings):
@@ -87,19 +87,21 @@ def feed_bandwidth(p, mb_per_s: float, iteration=1, dirty=1000, remaining=1000, 
     return answer
 
 
-def test_converge_never_decides_on_iteration_0_nor_without_a_100ms_window():
+def test_converge_never_decides_on_iteration_0_nor_before_a_dirty_pass_was_timed():
     p = Steered(make_policy("converge", downtime_limit=300))
     assert p.ask(stats(0, -1, remaining=10, total_bytes=1_000, t_ms=0)) == CONTINUE
     assert p.ask(stats(0, -1, remaining=0, total_bytes=10**9, t_ms=500)) == CONTINUE
-    q = Steered(make_policy("converge", downtime_limit=300))
-    # iteration 1 but only 50 ms of samples: bandwidth unknown, keep copying
-    assert q.ask(stats(1, 10, remaining=10, total_bytes=0, t_ms=0)) == CONTINUE
-    assert q.ask(stats(1, 10, remaining=10, total_bytes=10**8, t_ms=50)) == CONTINUE
-    assert q.estimate.bandwidth is None
+    assert p.estimate.expected_downtime_ms is None
+    # iteration 1 begins with pages to send: what they cost is not known yet
+    assert p.ask(stats(1, 10, remaining=10, total_bytes=10**9, t_ms=510)) == CONTINUE
+    assert p.estimate.expected_downtime_ms is None and p.estimate.pass_bandwidth is None
+    # one batch of it timed (the stream's 100 ms window is not needed)
+    assert p.ask(stats(1, 10, remaining=5, total_bytes=10**9 + 10**6, t_ms=515)) == STOP
+    assert p.estimate.pass_bandwidth == pytest.approx(200e6)
 
 
 def test_converge_switches_when_expected_downtime_fits_the_limit():
-    # 100 MB/s; 1000 pages left = 4.1 MB = ~41 ms
+    # 100 MB/s; 1000 pages left = 4.1 MB = ~41 ms, + 15 ms for the switchover
     p = Steered(make_policy("converge", downtime_limit=300))
     assert feed_bandwidth(p, 100, remaining=1000) == STOP
     assert p.estimate.bandwidth == pytest.approx(100e6, rel=0.05)
@@ -112,14 +114,21 @@ def test_converge_switches_when_expected_downtime_fits_the_limit():
 
 def test_converge_counts_pages_redirtied_since_the_iteration_began():
     p = Steered(make_policy("converge", downtime_limit=300))
-    # iteration 1 lasted 1 s and its end found 50,000 dirty pages: 50k pages/s
+    # iteration 1 lasted 1 s and its end found 50,000 of 262,144 pages dirty:
+    # ~55,000 uniform random writes a second (some pages were written twice)
     p.ask(stats(1, 20_000, remaining=20_000, total_bytes=0, t_ms=0))
     p.ask(stats(1, 20_000, remaining=0, total_bytes=400_000_000, t_ms=1000))
     p.ask(stats(2, 50_000, remaining=50_000, total_bytes=400_000_000, t_ms=1000))
-    assert p.estimate.dirty_rate == pytest.approx(50_000)
-    # 0 pages left in the iteration, but 100 ms passed: ~5000 re-dirtied pages
+    assert p.estimate.dirty_rate == pytest.approx(_writes(50_000, 262_144))
+    assert 55_000 < p.estimate.dirty_rate < 55_500
+    # 0 pages left in the iteration, but 100 ms passed: ~5,500 re-dirtied pages
     p.ask(stats(2, 50_000, remaining=0, total_bytes=440_000_000, t_ms=1100))
-    assert p.estimate.expected_downtime_ms == pytest.approx(5000 * 4096 / 400e6 * 1000, rel=0.1)
+    redirtied = _distinct(p.estimate.dirty_rate * 0.1, 262_144)
+    assert p.estimate.final_pages == pytest.approx(redirtied) and 5_400 < redirtied < 5_600
+    pages_ms = redirtied * 4104 / 400e6 * 1000
+    drain_ms = (4 << 20) / 400e6 * 1000  # the last of them still in the sockets
+    expected = DEFAULT_COMMIT_MS + pages_ms + drain_ms
+    assert p.estimate.expected_downtime_ms == pytest.approx(expected, rel=0.01)
 
 
 def test_converge_fallbacks_after_max_iterations_or_timeout():
@@ -136,7 +145,8 @@ def test_converge_fallbacks_after_max_iterations_or_timeout():
 def test_converge_downtime_limit_0_leaves_only_the_fallbacks():
     p = Steered(make_policy("converge", downtime_limit=0, max_iterations=1000))
     assert feed_bandwidth(p, 100, remaining=0, dirty=0) == CONTINUE
-    assert p.estimate.expected_downtime_ms == 0
+    # nothing to copy: stopping costs the switchover alone (none measured yet)
+    assert p.estimate.expected_downtime_ms == DEFAULT_COMMIT_MS
 
 
 def test_operator_requests_and_live_settings():
@@ -144,8 +154,8 @@ def test_operator_requests_and_live_settings():
     p.policy.request(ABORT)
     assert p.ask(stats(0)) == ABORT and "operator" in p.policy.reason
     q = Steered(make_policy("converge", downtime_limit=10))
-    assert feed_bandwidth(q, 100, remaining=1000) == CONTINUE  # ~41 ms > 10 ms
-    q.policy.set("downtime_limit", "50")
+    assert feed_bandwidth(q, 100, remaining=1000) == CONTINUE  # ~41 + 15 + 42 ms drain > 10 ms
+    q.policy.set("downtime_limit", "130")  # aiming at 104 ms
     assert q.ask(stats(1, 1000, remaining=1000, total_bytes=30_000_000, t_ms=310)) == STOP
     with pytest.raises(ValueError, match="no setting 'speed'"):
         q.policy.set("speed", "1")

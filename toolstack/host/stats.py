@@ -15,7 +15,7 @@ from protocol._gen_control_msgs import JobReport, PostcopyReport
 from protocol.libxc import page_data_size
 from protocol.limits import PAGE_SIZE
 
-from ..policies import Estimator
+from ..policies.estimate import SWITCHOVERS, Estimator, Switchover
 
 
 @dataclass
@@ -114,10 +114,16 @@ class JobStats:
     stream_end_ns: int | None = None  # the helper's `complete`
     error: str = ""
     postcopy: Postcopy | None = None  # from the switch on
+    # the switchover's pieces, as this job measures them for the next (SWITCHOVERS)
+    answered_ns: int | None = None  # the last policy answer left (the decision, at the end)
+    paused_ns: int | None = None  # the guest paused (suspended_ns, before any correction)
+    final_sent_ns: int | None = None  # the last page of the final pass left the helper
 
     # -- updates ----------------------------------------------------------
     def record_batch(self, stats) -> None:
         """From a precopy_policy call: the helper's counters after a batch."""
+        if not self.policy_calls and self.estimate.prior is None:
+            self.estimate.prior = SWITCHOVERS.prior(self.kind, self.peer)
         self.estimate.update(stats)
         self.stream_start_ns = stats.stream_start_ns
         waited = stats.policy_wait_ns - self.policy_wait_ns
@@ -143,13 +149,14 @@ class JobStats:
 
     def record_answer(self, sent_ns: int) -> None:
         """The policy's answer to the call the helper sent at `sent_ns` has left."""
-        self.policy_rtts_us.append((time.monotonic_ns() - sent_ns) / 1e3)
+        self.answered_ns = time.monotonic_ns()
+        self.policy_rtts_us.append((self.answered_ns - sent_ns) / 1e3)
 
     def record_suspend(self) -> None:
         """Stop and copy begins: the next pages go into the final pass (the
         iteration that was stopped before it sent anything, or a new one)."""
         self.phase = "stop-and-copy"
-        self.suspended_ns = time.monotonic_ns()
+        self.suspended_ns = self.paused_ns = time.monotonic_ns()
         if not self.iterations or self.iterations[-1].pages:
             self.iterations.append(Iteration())
         self.iterations[-1].final = True
@@ -158,6 +165,7 @@ class JobStats:
     def record_progress(self, done: int, total: int) -> None:
         self.remaining_pages = total - done
         if self.phase == "stop-and-copy":
+            self.final_sent_ns = time.monotonic_ns()
             final = self.iterations[-1]
             final.pages, final.bytes = done, page_data_size(done)
             self.pages_sent = self._final_base[0] + done
@@ -186,11 +194,40 @@ class JobStats:
         self.pages_sent, self.bytes_sent = pages, octets
 
     def finish(self, phase: str, error: str = "") -> None:
+        if phase == "completed":
+            switchover = self.measured_switchover()
+            if switchover is not None:
+                SWITCHOVERS.add(self.kind, self.peer, switchover)
         self.phase = phase
         self.error = error
         self.ended_ns = time.monotonic_ns()
 
     # -- derived ----------------------------------------------------------
+    def measured_switchover(self) -> Switchover | None:
+        """A stop-and-copy's pieces, as the estimate counts them: the commit
+        (the last page sent to the guest running: downtime less the final
+        pass at the source, which begins with the dirty bitmap) and the lead
+        (the decision's answer to the guest paused).  None for jobs without
+        one (restores, postcopy, failures)."""
+        if self.kind not in ("migrate", "save") or self.postcopy is not None:
+            return None
+        downtime = self.downtime_ms
+        if downtime is None or self.paused_ns is None:
+            return None
+        if self.final_sent_ns is not None:  # pages went: the bitmap is in the pass
+            final_pass_ms = (self.final_sent_ns - self.paused_ns) / 1e6
+            final_pass_ms += self.estimate.drain_ms(self.iterations[-1].bytes)
+        else:
+            final_pass_ms = self.estimate.bitmap_ms or 0.0
+        lead_ms = 0.0
+        if self.answered_ns is not None and self.answered_ns <= self.paused_ns:
+            lead_ms = (self.paused_ns - self.answered_ns) / 1e6
+        return Switchover(
+            commit_ms=max(downtime - final_pass_ms, 0.0),
+            lead_ms=lead_ms,
+            bitmap_ms=self.estimate.bitmap_ms,
+        )
+
     @property
     def elapsed_ms(self) -> float:
         end = self.ended_ns or time.monotonic_ns()
