@@ -22,7 +22,7 @@ HELPER_SAMPLES = {
     "switch_logdirty": hm.SwitchLogdirty(True),
     "static_data_done": hm.StaticDataDone(0),
     "restore_results": hm.RestoreResults(1, 2, 3),
-    "complete": hm.Complete(0, 0, "", 0),
+    "complete": hm.Complete(0, 0, "", 0, 0),
     "precopy_policy": hm.PrecopyPolicy(STATS),
     "restore_progress": hm.RestoreProgress(1024, 4202496),
     "postcopy_transition": hm.PostcopyTransition(),
