@@ -46,7 +46,7 @@ def main() -> None:
         )
         link.precopy_policy(stats)
         waited += time.monotonic_ns() - stats.time_ns
-    link.complete(0, 0, "", peak_rss())
+    link.complete(0, 0, "", peak_rss(), 0)
 
 
 if __name__ == "__main__":

@@ -392,7 +392,8 @@ def test_destination_killed_after_the_switch(pair, killed, then):
     """SIGKILL of the destination's ferryd (its helper dies with it), or of
     the guest's runner there: the source keeps its copy paused, never resumed;
     an abort renames it; the destination's copy is paused again after a
-    restart, and an abort renames it too; or --resume finishes the migration."""
+    restart, and an abort renames it too (a dead runner's is removed: the
+    guest is lost); or --resume finishes the migration."""
     a, b = pair
     thread, outcome = start_capped_postcopy(a, b)
     try:
@@ -409,9 +410,12 @@ def test_destination_killed_after_the_switch(pair, killed, then):
             assert runner_state(a, INCONSISTENT) == DomainState.PAUSED
             assert writes(a, INCONSISTENT) == frozen
             assert len(ferry(a, "digest", INCONSISTENT).stdout.strip()) == 64  # for inspection
-            if killed == "ferryd":
-                b.start()  # the destination's copy: paused again, lacking pages
-                assert_kept_paused(b, "migrate-receive")
+            if killed == "runner":  # the guest died with it: nothing left there to keep
+                assert listed(b) == {} and journal(b) == []
+                assert "the guest is lost" in b.call("job", name="vm1").error
+                return
+            b.start()  # the destination's copy: paused again, lacking pages
+            assert_kept_paused(b, "migrate-receive")
             abort_into_inconsistent(b, "the guest here lacks pages still at the source")
         else:
             b.start()
