@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from protocol._gen_helper_msgs import PrecopyDecision, PrecopyStats
 from toolstack.host.stats import JobStats
-from toolstack.policies import ConvergePolicy, PolicyRegistry, XenPolicy
+from toolstack.policies import ConvergePolicy, PolicyRegistry, XenPolicy, guard
+from toolstack.policies.base import Decision, Policy
 from toolstack.policies.estimate import DEFAULT_COMMIT_MS, Estimator, _distinct, _writes
 
 
@@ -185,3 +188,25 @@ def test_job_stats_turn_the_helpers_wait_total_into_waits_per_call_and_a_share()
     assert job.policy_waits_us == [50.0, 80.0, 30.0]
     assert job.policy_calls == 5 and job.policy_wait_ns == 160_000
     assert job.policy_share_of_precopy == round(160_000 / (50 * MS), 4)
+
+
+def test_the_budget_charges_a_sleep_but_not_time_the_policy_never_had():
+    """A policy that sleeps past its budget fails; time taken from ferryd by
+    the host (no voluntary switch: the call only waited for a CPU) is not
+    charged, only the CPU it used."""
+
+    class Sleeps(Policy):
+        def rule(self, stats, estimate):
+            time.sleep(0.005)
+            return Decision.CONTINUE_PRECOPY
+
+    class Quick(Policy):
+        def rule(self, stats, estimate):
+            return Decision.CONTINUE_PRECOPY
+
+    estimate = Estimator()
+    with pytest.raises(guard.PolicyFailed, match="took 5.* ms to answer, over its budget of 2 ms"):
+        guard.decide(Sleeps(), stats(1, 10), estimate, budget_ms=2.0)
+    before = guard.resource.getrusage(guard.resource.RUSAGE_THREAD)
+    assert guard._charged_ms(before, wall_ms=50.0) < 2.0  # no switch, next to no CPU: not its
+    assert guard.decide(Quick(), stats(1, 10), estimate) == CONTINUE

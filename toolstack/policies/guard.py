@@ -7,9 +7,10 @@ every other job waits while it does.  So each call is measured:
   fails its job with a line that names the policy and what it did (the
   traceback goes to ferryd's log, for the policy's author);
 - a call that takes longer than the budget fails its job too.  "Takes"
-  is wall time, except while the kernel had taken the CPU away from
-  ferryd (involuntary context switches, from getrusage): a busy host is
-  not the policy's fault, so then only the CPU time the call used counts;
+  is wall time when the call slept or blocked (voluntary context
+  switches, from getrusage); otherwise only the CPU time it used counts:
+  a busy host, or a VM's host taking the vCPU away (which no counter
+  here sees), is not the policy's fault;
 - a call that has not answered after HARD_STOP_FACTOR budgets is stopped
   there (SIGALRM raises in it, and again every HARD_STOP_FACTOR budgets
   until it returns), so a policy that loops or sleeps by mistake cannot
@@ -110,8 +111,13 @@ def one_line(text: str, limit: int = 300) -> str:
 def _charged_ms(before, wall_ms: float) -> float:
     """The part of a call's `wall_ms` the policy answers for."""
     after = resource.getrusage(resource.RUSAGE_THREAD)
-    if after.ru_nivcsw == before.ru_nivcsw:
-        return wall_ms  # it had the CPU all along, or gave it up itself (slept, blocked)
+    preempted = after.ru_nivcsw != before.ru_nivcsw
+    gave_up = after.ru_nvcsw != before.ru_nvcsw
+    if gave_up and not preempted:
+        return wall_ms  # it slept or blocked: all of that is the policy's
+    # Preempted by another process, or neither (the time went where this
+    # process cannot see it: a virtual machine's host took the vCPU): only
+    # the CPU the call used is the policy's.
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return cpu * 1000
 
