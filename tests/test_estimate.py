@@ -219,7 +219,7 @@ def test_a_completed_switchover_is_measured_into_the_next_jobs_estimate(monkeypa
     job.final_sent_ns = 123 * MS
     job.resumed_ns = 135 * MS
     job.finish("completed")
-    measured = history.prior("migrate", "b:8002")
+    measured = history.prior(job.switchover_kind, "b:8002")
     assert (measured.commit_ms, measured.lead_ms, measured.bitmap_ms) == (12, 3, 10)
     nothing = JobStats("migrate", "idle")  # nothing dirty: the final pass is the bitmap
     nothing.peer = "b:8002"
@@ -227,7 +227,7 @@ def test_a_completed_switchover_is_measured_into_the_next_jobs_estimate(monkeypa
     nothing.record_suspend()
     nothing.suspended_ns, nothing.resumed_ns = nothing.paused_ns, nothing.paused_ns + 9 * MS
     nothing.finish("completed")
-    assert history.prior("migrate", "b:8002").commit_ms == 12  # the longer of 12 and 9
+    assert history.prior(job.switchover_kind, "b:8002").commit_ms == 12  # the longer of 12 and 9
     # the next migration to that peer starts from them
     following = JobStats("migrate", "vm2")
     following.peer = "b:8002"
@@ -240,7 +240,12 @@ def test_a_completed_switchover_is_measured_into_the_next_jobs_estimate(monkeypa
         other.record_suspend()
         other.resumed_ns = other.paused_ns + 500 * MS
         other.finish(phase)
-    assert history.prior("migrate", "b:8002").samples == 2
+    assert history.prior(job.switchover_kind, "b:8002").samples == 2
+    # a guest of another size starts from the default
+    bigger = JobStats("migrate", "big", 2 << 30)
+    bigger.peer = "b:8002"
+    bigger.record_batch(batch(1, 0, 0, 0, 0))
+    assert bigger.estimate.prior is None
 
 
 def test_a_pass_over_nearly_all_of_ram_does_not_price_a_few_scattered_pages():

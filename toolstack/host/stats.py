@@ -123,7 +123,7 @@ class JobStats:
     def record_batch(self, stats) -> None:
         """From a precopy_policy call: the helper's counters after a batch."""
         if not self.policy_calls and self.estimate.prior is None:
-            self.estimate.prior = SWITCHOVERS.prior(self.kind, self.peer)
+            self.estimate.prior = SWITCHOVERS.prior(self.switchover_kind, self.peer)
         self.estimate.update(stats)
         self.stream_start_ns = stats.stream_start_ns
         waited = stats.policy_wait_ns - self.policy_wait_ns
@@ -197,12 +197,20 @@ class JobStats:
         if phase == "completed":
             switchover = self.measured_switchover()
             if switchover is not None:
-                SWITCHOVERS.add(self.kind, self.peer, switchover)
+                SWITCHOVERS.add(self.switchover_kind, self.peer, switchover)
         self.phase = phase
         self.error = error
         self.ended_ns = time.monotonic_ns()
 
     # -- derived ----------------------------------------------------------
+    @property
+    def switchover_kind(self) -> str:
+        """Switchovers compare within a kind of job and a guest size (to a
+        power of two): the helpers' teardown of the guest's mapping, in the
+        commit, grows with it (a 2 GiB migration's commit priced a 1 GiB
+        idle guest's switchover at 56 ms, against 11 measured)."""
+        return f"{self.kind} of 2^{max(self.memory_bytes, 1).bit_length()} octets"
+
     def measured_switchover(self) -> Switchover | None:
         """A stop-and-copy's pieces, as the estimate counts them: the commit
         (the last page sent to the guest running: downtime less the final
