@@ -124,7 +124,7 @@ def _dec_Ready(value, where):
 class Location:
     """What the receiver knows of a migration."""
 
-    state: str  # running: the migration committed here (the guest ran here with all its pages, and may have moved on since: the sender's copy is stale either way); postcopy: it runs here but pages are still at the source; incoming: it is being built and has not run; absent: it never ran here
+    state: str  # running: the migration committed here (the guest ran here with all its pages, and may have moved on since: the sender's copy is stale either way); postcopy: it runs here but pages are still at the source; incoming: it is being built and has not run; split: it ran here in postcopy and ended without all its pages (its guest died, or it was aborted): the sender's copy must neither run nor be destroyed; absent: it never ran here
 
     def to_wire(self):
         return _enc_Location(self)
@@ -141,7 +141,7 @@ def _enc_Location(value):
 def _dec_Location(value, where):
     check_fields(value, where, frozenset(('state',)), ('state',))
     return Location(
-        state=check_choice(check_str(value["state"], where + ".state"), where + ".state", ('running', 'postcopy', 'incoming', 'absent')),
+        state=check_choice(check_str(value["state"], where + ".state"), where + ".state", ('running', 'postcopy', 'split', 'incoming', 'absent')),
     )
 
 

@@ -192,11 +192,15 @@ def test_bad_settings_are_refused_before_anything_starts(pair):
         (["--set", "max_iterations=99999999999999999999999"], "is not an integer"),
         (["--set", "max_iterations=\u0663"], "is not an integer"),  # an Arabic-Indic 3
         (["--policy", "nosuch"], "unknown policy 'nosuch'"),
+        (["--max-iterations", "99999999999999999999999"], "out of range"),
     ]
     for flags, text in cases:
         r = ferry(a, "migrate", "vm1", b.address, *flags, check=False)
         assert r.returncode == 1 and text in r.stderr, (flags, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+    for n in ("0", "9", "99999999999999999999999", "two"):  # argparse's own refusal
+        r = ferry(a, "migrate", "vm1", b.address, "--parallel-connections", n, check=False)
+        assert r.returncode == 2 and "--parallel-connections" in r.stderr, r.stderr
     assert a.call("info", name="vm1").state == "running"
     assert b.call("list") == []
 

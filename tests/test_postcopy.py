@@ -126,6 +126,15 @@ def journal(daemon) -> list:
     return os.listdir(os.path.join(daemon.state, "journal"))
 
 
+def journal_phases(daemon) -> list:
+    folder = os.path.join(daemon.state, "journal")
+    phases = []
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as f:
+            phases.append(json.load(f)["phase"])
+    return phases
+
+
 def one_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
@@ -372,7 +381,9 @@ def abort_into_inconsistent(daemon, says: str) -> None:
         time.sleep(0.1)
     job = daemon.call("job", name="vm1")
     assert job.phase == "failed" and says in job.error, job.error
-    assert journal(daemon) == []  # settled: a restart will not resume it either
+    # settled: a restart will not resume it either; a destination keeps its
+    # record as "split", the answer a source asking where its guest went gets
+    assert journal_phases(daemon) in ([], ["split"]), journal_phases(daemon)
     for command in (["unpause", INCONSISTENT], ["migrate", INCONSISTENT, "127.0.0.1:1"]):
         r = ferry(daemon, *command, check=False)
         assert r.returncode == 1 and "is postcopy-inconsistent" in one_line(r.stderr), command
@@ -411,7 +422,7 @@ def test_destination_killed_after_the_switch(pair, killed, then):
             assert writes(a, INCONSISTENT) == frozen
             assert len(ferry(a, "digest", INCONSISTENT).stdout.strip()) == 64  # for inspection
             if killed == "runner":  # the guest died with it: nothing left there to keep
-                assert listed(b) == {} and journal(b) == []
+                assert listed(b) == {} and journal_phases(b) == ["split"]
                 assert "the guest is lost" in b.call("job", name="vm1").error
                 return
             b.start()  # the destination's copy: paused again, lacking pages
@@ -465,9 +476,38 @@ def test_a_guest_that_dies_while_postcopy_is_paused_is_not_resumed(pair):
         while listed(b):
             assert time.monotonic() < deadline, listed(b)
             time.sleep(0.1)
-        assert journal(b) == []
+        assert journal_phases(b) == ["split"]
     finally:
         thread.join(30)
+
+
+@pytest.mark.parametrize("ended", ["runner died", "aborted"])
+def test_a_source_back_after_the_destination_ended_postcopy_never_resumes_its_copy(cluster, ended):
+    """The source's ferryd dies right after 'go' (its journal says go-sent);
+    the guest then dies at the destination, or an operator aborts it there.
+    Back, the source asks where the guest is: not "absent" (which would
+    resume a stale copy of a guest that ran elsewhere) but "split": its copy
+    is kept paused and renamed, never run."""
+    crash = dict(os.environ, FERRY_TEST_FAULTS="crash@source:go-out")
+    a, b = cluster.daemon("a", env=crash), cluster.daemon("b")
+    try:
+        create(a, rate=5_000, ws=0.5)
+        flags = ["--postcopy-after-precopy", "--postcopy-bandwidth", "1"]
+        thread, outcome = migrate_in_background(a, b.address, *flags)
+        thread.join(60)
+        assert outcome["code"] == 1  # its daemon died under it
+        wait_for_job(b, lambda j: j.phase == "postcopy-paused")
+        if ended == "runner died":
+            os.kill(runner_of(b), signal.SIGKILL)
+            wait_for_job(b, lambda j: "the guest is lost" in j.error)
+        else:
+            abort_into_inconsistent(b, "the guest here lacks pages still at the source")
+        a.start(env=dict(os.environ))  # without the fault
+        assert listed(a) == {INCONSISTENT: "postcopy-inconsistent"}
+        assert runner_state(a, INCONSISTENT) == DomainState.PAUSED
+        assert journal(a) == []
+    finally:
+        end_everything(a, b)
 
 
 @pytest.mark.parametrize("then", ["abort", "resume"])

@@ -84,6 +84,10 @@ class _Calls:
             return self.channel.call(message)
         except TimeoutError:
             raise DaemonError(f"ferryd sent nothing for {self.timeout:g} s") from None
+        except OverflowError as exc:  # a number too large for its field's encoding
+            raise DaemonError(
+                f"{type(message).__name__.lower()}: a value is out of range ({exc})"
+            ) from None
         except ChannelClosed:
             raise DaemonError("ferryd closed the connection") from None
         except RpcError as exc:

@@ -9,6 +9,7 @@ policies` lists what each policy takes).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -194,7 +195,7 @@ class Migrate(Command):
         )
         p.add_argument(
             "--parallel-connections",
-            type=int,
+            type=connections,
             default=1,
             metavar="N",
             help="TCP connections for precopy's pages (1-8, default 1)",
@@ -297,3 +298,14 @@ class Policies(Command):
 
 
 JOB_COMMANDS = [Save, Restore, Migrate, JobInfo, JobControl, Policies]
+
+
+def connections(text: str) -> int:
+    """--parallel-connections N: a count the daemon accepts (1-8)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of connections") from None
+    if not 1 <= n <= 8:
+        raise argparse.ArgumentTypeError(f"{n} connections: 1 to 8")
+    return n

@@ -135,8 +135,8 @@ class HelperCallbacks(ToolstackHandlers):
         self.completed = (retval, errnoval, message)
         self.stats.stream_end_ns = time.monotonic_ns()
         self.stats.helper_peak_rss = peak_rss
-        if retval == 0:
-            self.stats.zero_pages = zero_pages
+        if retval == 0:  # a resumed postcopy's helper counts only its own
+            self.stats.zero_pages = max(self.stats.zero_pages, zero_pages)
 
     async def on_precopy_policy(self, stats) -> PrecopyDecision:
         s = self.stats

@@ -12,6 +12,9 @@ crash leaves the previous phase or the new one, never half a record.
     destination  receiving [-> postcopy] -> committed, kept KEEP_COMMITTED s
                  ("the guest ran here" answers a sender in doubt, even after the
                  guest moved on; a restart prunes older ones)
+                 postcopy -> split, kept as long: the guest ran here and its
+                 postcopy ended without all its pages (its runner died, or an
+                 operator aborted it): the sender's copy must never run again
 
 `postcopy`: the guest runs at the destination, the pages it still lacks are
 at the source; neither side may give its copy up.
@@ -40,7 +43,7 @@ from ..host.domains import read_private_file, sync_dir, write_private_file
 SOURCE, DESTINATION = "source", "destination"
 PHASES = {
     SOURCE: ("precopy", "suspended", "go-sent", "postcopy", "committed"),
-    DESTINATION: ("receiving", "postcopy", "committed"),
+    DESTINATION: ("receiving", "postcopy", "committed", "split"),
 }
 MIGRATION_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_RECORD = 64 << 10  # octets: a record is a few hundred

@@ -323,13 +323,13 @@ async def continue_receiving(site: Site, job: Job, domain, record, why: str) -> 
     missing pages (the runner keeps the userfaultfd: they read as nothing,
     never as zeros) until the sender resumes, as often as it breaks."""
     while True:
-        if runner_exited(domain):
+        if await runner_died(domain):
             await lose_guest(site, domain, record)
         why = f"{why}; the source resumes it with `ferry migrate {domain.name} HOST:PORT --resume`"
         try:
-            link = await job.pause(why)
+            link = await pause_watching_runner(job, domain, why)
         except PostcopyAborted:
-            if runner_exited(domain):
+            if await runner_died(domain):
                 await lose_guest(site, domain, record)
             await mark_inconsistent(site, domain, record)
             raise PostcopyAborted(
@@ -347,6 +347,7 @@ async def continue_receiving(site: Site, job: Job, domain, record, why: str) -> 
             await link.aclose()
 
 
+RUNNER_WATCH_INTERVAL = 0.5  # s between looks at a paused postcopy's runner
 GUEST_LOST = "the guest is lost (the source's copy lacks what it wrote here); nothing to resume"
 
 
@@ -355,11 +356,51 @@ def runner_exited(domain) -> bool:
     return domain.process is not None and domain.process.poll() is not None
 
 
+async def pause_watching_runner(job: Job, domain, why: str):
+    """`job.pause(why)`, ended (PostcopyAborted) if the runner dies meanwhile:
+    a guest that died while paused is lost now, not when a resume comes."""
+    aborted = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            while not runner_exited(domain):
+                await trio.sleep(RUNNER_WATCH_INTERVAL)
+            job.abort_paused("its runner died while postcopy was paused")
+
+        nursery.start_soon(watch)
+        try:
+            link = await job.pause(why)
+        except PostcopyAborted as exc:
+            link, aborted = None, exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if aborted is not None:
+        raise aborted
+    return link
+
+
+async def runner_died(domain) -> bool:
+    """The runner is gone, or going: a helper that failed on it may have
+    failed first (ESRCH) while the process was still exiting, so one that no
+    longer answers gets a moment to be seen dead."""
+    if runner_exited(domain):
+        return True
+    try:
+        with trio.fail_after(DEADLINES.handshake):
+            await domain.runner.getinfo()
+        return False
+    except (ToolstackError, trio.TooSlowError):
+        with trio.move_on_after(2):
+            while not runner_exited(domain):
+                await trio.sleep(0.02)
+        return runner_exited(domain)
+
+
 async def lose_guest(site: Site, domain, record) -> None:
     """Postcopy's guest died here: neither host has it whole any more, and
     the source must not be told to resume.  Nothing is left to keep."""
     log.error("%s: its runner died during postcopy; the guest is lost here", record.name)
-    await site.journal.remove(record.migration_id)
+    await site.journal.record(record, "split")  # kept: a sender asking must not resume
     await site.host.destroy(domain)
     raise ToolstackError(f"{domain.name}'s runner died here during postcopy: {GUEST_LOST}")
 

@@ -47,7 +47,7 @@ from ..host.stats import Postcopy
 from .journal import DESTINATION, KEEP_COMMITTED, SOURCE, Record
 from .link import LinkError, PeerRefused
 from .receiver import continue_receiving
-from .sender import authenticate, connect, continue_postcopy
+from .sender import authenticate, connect, continue_postcopy, mark_inconsistent
 from .site import Site
 
 log = logging.getLogger("ferry.resolve")
@@ -78,7 +78,7 @@ class Resolver:
 
     async def _settle_destination(self, record: Record) -> None:
         domain = self.site.host.domains.get(record.name)
-        if record.phase == "committed":
+        if record.phase in ("committed", "split"):
             if self.site.journal.age(record.migration_id) > KEEP_COMMITTED:
                 await self.site.journal.remove(record.migration_id)
             return  # kept: "the guest ran here" stays true after it leaves
@@ -95,6 +95,8 @@ class Resolver:
             return
         if record.phase == "postcopy":
             log.error("%s: its runner died during postcopy; the guest is lost here", record.name)
+            await self.site.journal.record(record, "split")  # the sender must not resume
+            return
         # receiving: the guest never ran here (reattach removed the incoming runner)
         await self.site.journal.remove(record.migration_id)
         log.info(
@@ -196,6 +198,13 @@ class Resolver:
                 f"{name}: the guest runs at {record.peer} and needs the pages kept here: "
                 f"postcopy is paused; resume with `ferry migrate {name} {record.peer} --resume`"
             )
+        if state == "split":
+            await mark_inconsistent(self.site, domain, record)
+            self.doubts.pop(name, None)
+            return (
+                f"{name}: the guest ran at {record.peer} in postcopy and ended there without "
+                f"all of its pages: kept here as {domain.name} for inspection, never resumed"
+            )
         if state == "absent":
             return await self._resume(domain, record, f"{record.peer} does not have the guest")
         raise ToolstackError(f"{record.peer} has not decided yet (the guest is {state} there)")
@@ -253,4 +262,5 @@ class Resolver:
         record = await self.site.journal.find(migration_id)
         if record is None or record.role != DESTINATION or record.name != name:
             return "absent"
-        return {"committed": "running", "postcopy": "postcopy"}.get(record.phase, "incoming")
+        known = {"committed": "running", "postcopy": "postcopy", "split": "split"}
+        return known.get(record.phase, "incoming")

@@ -33,7 +33,7 @@ from ..host.deadlines import DEADLINES
 from ..host.domains import INCONSISTENT, inconsistent_hold
 from ..host.jobs import PostcopyAborted
 from ..host.savefile import is_running, resume_source
-from .journal import SOURCE, Record
+from .journal import DESTINATION, SOURCE, Record
 from .link import LinkError, MigrationLink, PeerRefused
 from .site import Site
 
@@ -317,7 +317,10 @@ async def mark_inconsistent(site: Site, domain: Domain, record) -> None:
             log.error("%s: not renamed (%s); held under its own name", domain.name, exc)
             name = domain.name
     domain.hold = inconsistent_hold(name)
-    await site.journal.remove(record.migration_id)
+    if record.role == DESTINATION:  # kept: a sender asking must not resume its copy
+        await site.journal.record(record, "split")
+    else:
+        await site.journal.remove(record.migration_id)
     log.warning(
         "%s: postcopy ended without all pages on either host; kept as %s", record.name, name
     )

@@ -275,6 +275,8 @@ class Estimator:
         redirtying_s = (now - self._iteration_start) / 1e9 + (bitmap + self.lead_ms) / 1e3
         writes = (self.dirty_rate or 0.0) * redirtying_s
         self.final_pages = stats.iter_remaining + _distinct(writes, stats.domain_pages)
+        if stats.domain_pages > 0:  # never more than the guest has
+            self.final_pages = min(self.final_pages, stats.domain_pages)
         self.pass_bandwidth = self._pass_bandwidth(_share(self.final_pages, stats.domain_pages))
         if self.final_pages < 0.5:
             return self.switchover_ms  # nothing to copy: stopping costs the switchover alone

@@ -111,13 +111,12 @@ def one_line(text: str, limit: int = 300) -> str:
 def _charged_ms(before, wall_ms: float) -> float:
     """The part of a call's `wall_ms` the policy answers for."""
     after = resource.getrusage(resource.RUSAGE_THREAD)
-    preempted = after.ru_nivcsw != before.ru_nivcsw
     gave_up = after.ru_nvcsw != before.ru_nvcsw
-    if gave_up and not preempted:
-        return wall_ms  # it slept or blocked: all of that is the policy's
-    # Preempted by another process, or neither (the time went where this
-    # process cannot see it: a virtual machine's host took the vCPU): only
-    # the CPU the call used is the policy's.
+    if gave_up:
+        return wall_ms  # it slept or blocked (preempted too or not): all of it is the policy's
+    # Only preempted, or neither (the time went where this process cannot
+    # see it: a virtual machine's host took the vCPU): only the CPU the call
+    # used is the policy's.
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return cpu * 1000
 
