@@ -192,7 +192,7 @@ def test_bad_settings_are_refused_before_anything_starts(pair):
         (["--set", "max_iterations=99999999999999999999999"], "is not an integer"),
         (["--set", "max_iterations=\u0663"], "is not an integer"),  # an Arabic-Indic 3
         (["--policy", "nosuch"], "unknown policy 'nosuch'"),
-        (["--max-iterations", "99999999999999999999999"], "out of range"),
+        (["--max-iterations", "99999999999999999999999"], "is not an integer"),
     ]
     for flags, text in cases:
         r = ferry(a, "migrate", "vm1", b.address, *flags, check=False)
