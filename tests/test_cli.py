@@ -249,6 +249,9 @@ def test_save_flags_and_restore_flags(pair, short_tmp):
     restored = as_json(ferry(a, "restore", path, "--name", "copy", "--paused", "--json"))
     assert restored["kind"] == "restore" and restored["domain"] == "copy"
     assert restored["phase"] == "completed" and restored["running"] is False
+    pages = restored["memory_total_bytes"] // 4096
+    assert restored["pages_sent"] >= pages  # every page counted, not the last progress's
+    assert restored["memory_remaining_bytes"] in (None, 0)
     assert a.call("info", name="copy").state == "paused"
     assert as_json(ferry(a, "job", "copy", "--json"))["kind"] == "restore"
     assert ferry(a, "guest-check", "copy").stdout.strip() == "ok"

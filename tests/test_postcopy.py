@@ -146,6 +146,7 @@ def assert_moved(a, b, report: dict, downtime=True) -> None:
     at the source; the postcopy section adds up (on both hosts).  `downtime`:
     the job saw the switch (not one a restarted daemon re-made from its journal)."""
     assert report["phase"] == "completed" and report["error"] == "", report
+    assert report["memory_remaining_bytes"] in (None, 0), report
     assert ferry(b, "guest-check", "vm1").stdout.strip() == "ok"
     before = writes(b)
     time.sleep(0.25)
@@ -449,6 +450,7 @@ def test_a_resume_after_the_destinations_guest_died_says_so(pair):
         assert r.returncode == 1
         line = one_line(r.stderr)
         assert "--resume" not in line and "runner died here" in line and "lost" in line, line
+        assert "`ferry job-control vm1 abort` keeps this copy" in line  # what is left to do
         assert listed(b) == {}  # nothing half-alive left at the destination
         job = b.call("job", name="vm1")
         assert job.phase == "failed" and "the guest is lost" in job.error, job.error

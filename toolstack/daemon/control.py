@@ -21,6 +21,7 @@ from protocol._gen_control_msgs import DaemonInfo, DomainInfo, JobReport, Policy
 
 from ..host import Job, JobStats, ToolstackError
 from ..host.async_channel import AsyncChannel, ChannelError
+from ..host.domains import INCONSISTENT
 from ..host.savefile import open_save_file, rename, restore_domain, save_domain
 from ..migration import migrate_send
 from ..migration.sender import open_resume
@@ -216,7 +217,13 @@ class ControlSession(DaemonHandlers):
             raise ToolstackError(
                 f"{name} has no paused postcopy migration here to resume (see `ferry job {name}`)"
             )
-        link = await open_resume(self.daemon.site, job, address)
+        try:
+            link = await open_resume(self.daemon.site, job, address)
+        except ToolstackError as exc:
+            raise ToolstackError(
+                f"{exc}; the migration stays paused here (`ferry job-control {name} abort` "
+                f"keeps this copy as {name}{INCONSISTENT}, for inspection)"
+            ) from None
         job.stats.peer = address
         if bandwidth:
             job.postcopy_bandwidth = bandwidth

@@ -130,6 +130,8 @@ class HelperCallbacks(ToolstackHandlers):
 
     async def on_restore_results(self, pages, store_gfn, console_gfn) -> None:
         self.restored_pages = pages
+        # the last restore_progress may be up to 0.2 s old: the count is this
+        self.stats.pages_sent = max(self.stats.pages_sent, pages)
 
     async def on_complete(self, retval, errnoval, message, peak_rss, zero_pages) -> None:
         self.completed = (retval, errnoval, message)

@@ -195,6 +195,7 @@ class JobStats:
 
     def finish(self, phase: str, error: str = "") -> None:
         if phase == "completed":
+            self.remaining_pages = 0  # whatever the last progress said
             switchover = self.measured_switchover()
             if switchover is not None:
                 SWITCHOVERS.add(self.switchover_kind, self.peer, switchover)
