@@ -162,35 +162,34 @@ def read_faults(fd: int, max_faults: int = 256) -> list[tuple[int, int]]:
 def copy(fd: int, dst: int, src: int, length: int) -> None:
     """Install [src, src+length) at dst (the registering process's address) and
     wake the threads waiting on it.  Pages that are there already are skipped."""
-    while length > 0:
-        try:
-            _ioctl(fd, UFFDIO_COPY, [dst, src, length, 0, 0])
-            return
-        except UffdError as exc:
-            done = max(int(exc.words[4]), 0)
-            if exc.errno == 17:  # EEXIST: the first page is there already
-                done = max(done, PAGE)
-                wake(fd, dst, PAGE)
-            elif exc.errno != 11:  # EAGAIN: part-way, go on from where it stopped
-                raise
-            dst, src, length = dst + done, src + done, length - done
+    _until_done(fd, UFFDIO_COPY, dst, length, lambda at: [dst + at, src + at, length - at, 0, 0])
 
 
 def continue_(fd: int, start: int, length: int) -> None:
     """Map the pages the memfd holds at [start, start+length) and wake their
     waiters (UFFDIO_CONTINUE).  Pages mapped already are skipped."""
-    while length > 0:
+    _until_done(fd, UFFDIO_CONTINUE, start, length, lambda at: [start + at, length - at, 0, 0])
+
+
+def _until_done(fd: int, request: int, start: int, length: int, words) -> None:
+    """Repeat an install ioctl from where it stopped: `words(at)` are its
+    arguments for the range from offset `at`, and its last word is what the
+    kernel did.  EAGAIN stopped it part-way; EEXIST found the first page
+    there already (skipped, its waiters woken)."""
+    at = 0
+    while at < length:
+        args = words(at)
         try:
-            _ioctl(fd, UFFDIO_CONTINUE, [start, length, 0, 0])
+            _ioctl(fd, request, args)
             return
         except UffdError as exc:
-            done = max(int(exc.words[3]), 0)
-            if exc.errno == 17:  # EEXIST: the first page is mapped already
+            done = max(int(exc.words[len(args) - 1]), 0)
+            if exc.errno == 17:  # EEXIST
                 done = max(done, PAGE)
-                wake(fd, start, PAGE)
-            elif exc.errno != 11:  # EAGAIN: part-way, go on from where it stopped
+                wake(fd, start + at, PAGE)
+            elif exc.errno != 11:  # EAGAIN
                 raise
-            start, length = start + done, length - done
+            at += done
 
 
 def zeropage(fd: int, dst: int, length: int) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pytest
 
@@ -106,6 +107,19 @@ def ferry(daemon, *args, check=True, timeout=180, env=None):
     if check:
         assert r.returncode == 0, r.stderr
     return r
+
+
+def migrate_in_background(daemon, address, *flags, name="vm1"):
+    """`ferry migrate NAME ADDRESS FLAGS...` in a thread; its outcome in a dict."""
+    outcome = {}
+
+    def run():
+        r = ferry(daemon, "migrate", name, address, *flags, check=False)
+        outcome.update(code=r.returncode, stdout=r.stdout, stderr=r.stderr)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
 
 
 class Cluster:

@@ -398,3 +398,19 @@ def test_restore_refuses_what_is_not_a_save_file(pair, short_tmp):
         with pytest.raises(DaemonError, match="cannot read"):
             d.restore(file="/tmp/with\0nul")
         assert d.list() == []  # and the connection still serves
+
+
+def test_a_number_too_large_to_encode_is_one_line_not_a_traceback():
+    """The CLI's last guard: whatever value slips past the flags' own checks
+    and cannot be packed is a DaemonError that names the call."""
+    from toolstack.cli.daemon_client import DaemonError, _Calls
+
+    class Unpackable:
+        def call(self, message):
+            raise OverflowError("int too big to convert")
+
+    class Migrate:
+        pass
+
+    with pytest.raises(DaemonError, match=r"^migrate: a value is out of range \(int too big"):
+        _Calls(Unpackable(), 1.0).call(Migrate())

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import msgpack
 import numpy as np
 import pytest
-from conftest import ferry, processes_mentioning
+from conftest import ferry, migrate_in_background, processes_mentioning
 from peers import fault_record, play_postcopy_destination, play_postcopy_source, raw
 
 from hypervisor import RunnerClient, uffd
@@ -73,19 +73,6 @@ def create(daemon, memory=64 * MiB, rate=20_000.0, ws=1.0, backend="sim", paused
         name="vm1", memory_bytes=memory, backend=backend, dirty_rate=rate, working_set=ws, seed=5
     )
     daemon.call("create", config=config, paused=paused)
-
-
-def migrate_in_background(a, address, *flags):
-    """`ferry migrate vm1 ADDRESS FLAGS...` in a thread; its outcome in a dict."""
-    outcome = {}
-
-    def run():
-        r = ferry(a, "migrate", "vm1", address, *flags, check=False)
-        outcome.update(code=r.returncode, stdout=r.stdout, stderr=r.stderr)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
 
 
 def wait_for_job(daemon, predicate, seconds=30.0, name="vm1"):

@@ -9,12 +9,11 @@ import json
 import os
 import secrets
 import signal
-import threading
 import time
 
 import numpy as np
 import pytest
-from conftest import ferry, processes_mentioning
+from conftest import ferry, migrate_in_background, processes_mentioning
 from peers import Peer
 
 from hypervisor import RunnerClient, uffd
@@ -48,18 +47,6 @@ def pair(cluster, backend="sim", memory=32 * MiB, rate=20000):
     assert r.returncode == 0, r.stderr
     time.sleep(0.5)  # the guest dirties its RAM
     return a, b
-
-
-def migrate_in_background(a, address, *flags):
-    outcome = {}
-
-    def run():
-        r = ferry(a, "migrate", "vm1", address, *flags, check=False)
-        outcome.update(code=r.returncode, stderr=r.stderr, stdout=r.stdout)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
 
 
 def job(daemon) -> dict:
