@@ -100,6 +100,15 @@ def listed(daemon) -> dict:
     return {d.name: d.state for d in daemon.call("list")}
 
 
+def wait_for_listing(daemon, done, seconds=30.0) -> dict:
+    """`ferry list` once `done(listing)` holds; asserted within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not done(shown := listed(daemon)):
+        assert time.monotonic() < deadline, f"still listed as {shown}"
+        time.sleep(0.05)
+    return shown
+
+
 def writes(daemon, name="vm1") -> int:
     return daemon.call("info", name=name).writes
 
@@ -492,7 +501,10 @@ def test_a_source_back_after_the_destination_ended_postcopy_never_resumes_its_co
         else:
             abort_into_inconsistent(b, "the guest here lacks pages still at the source")
         a.start(env=dict(os.environ))  # without the fault
-        assert listed(a) == {INCONSISTENT: "postcopy-inconsistent"}
+        # back, the source is in doubt until its background question is answered
+        assert wait_for_listing(a, lambda d: d != {"vm1": "in-doubt"}) == {
+            INCONSISTENT: "postcopy-inconsistent"
+        }
         assert runner_state(a, INCONSISTENT) == DomainState.PAUSED
         assert journal(a) == []
     finally:
