@@ -120,26 +120,37 @@ class LocalDaemon:
                     domains = daemon.list()
                     if not domains:
                         return
+                    aborted = False
                     for domain in domains:
                         try:
                             if domain.state == "in-doubt":
                                 daemon.migrate_resolve(name=domain.name, force="destroy")
                             elif domain.job is not None:
                                 daemon.job_control(name=domain.name, action="abort")
+                                aborted = True
                             else:
                                 daemon.destroy(name=domain.name)
                         except DaemonError:
-                            pass
-                    time.sleep(0.2)  # aborted jobs end, renamed domains show up
+                            aborted = True  # busy (a job ending): look again shortly
+                    if aborted:
+                        time.sleep(0.2)  # aborted jobs end, renamed domains show up
         except DaemonError:
             pass
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int | None:
         """Send `sig` and wait for the daemon to exit (killed past the deadline)."""
+        self.signal(sig)
+        return self.wait(timeout)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """Wait for the daemon to exit (killed past the deadline)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -181,8 +192,10 @@ class LocalHosts:
     def close(self) -> None:
         for daemon in self.daemons:
             daemon.destroy_all()
+        for daemon in self.daemons:  # all at once: they end side by side
+            daemon.signal()
         for daemon in self.daemons:
-            daemon.stop()
+            daemon.wait()
         if self.owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
