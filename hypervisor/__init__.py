@@ -5,10 +5,22 @@ RAM in a memfd and answers "hypercalls" on a control socket; backends
 `sim` (a dirtying workload) and `kvm` (a real virtual machine).
 """
 
+from protocol.lazy import lazy_exports
+
 from .channel import ChannelClosed, RpcError, SyncChannel
-from .client import RunnerClient, runner_command, start_runner, wait_for_socket
-from .memory import GuestMemory
 from .sizes import parse_size
+
+# Guest memory needs numpy: loaded when first named
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "GuestMemory": ".memory",
+        "RunnerClient": ".client",
+        "runner_command": ".client",
+        "start_runner": ".client",
+        "wait_for_socket": ".client",
+    },
+)
 
 __all__ = [
     "ChannelClosed",

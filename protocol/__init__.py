@@ -5,11 +5,23 @@ layers, xl's save-file header, the RPC framing and the generated message
 tables.  No sockets, no trio, no subprocesses in here.
 """
 
-from . import libxc, libxl, limits, xl
-from .check import StreamChecker, Summary
+from . import limits
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .framing import NEED_DATA
+from .lazy import lazy_exports
 from .rpc import Call, ErrorReply, Reply, RpcConnection
+
+# The stream layers need numpy: loaded when first named
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "libxc": ".libxc",
+        "libxl": ".libxl",
+        "xl": ".xl",
+        "StreamChecker": ".check",
+        "Summary": ".check",
+    },
+)
 
 __all__ = [
     "NEED_DATA",

@@ -16,8 +16,6 @@ from .errors import RemoteProtocolError
 from .framing import NEED_DATA
 from .postcopy import ForwardRules
 
-FORMATS = ("xl", "libxl", "libxc")
-
 
 @dataclass
 class Summary:

@@ -7,6 +7,8 @@ Only module-level imports count: a function may reach up when it runs (the
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +94,25 @@ def test_toolstack_subpackages_import_only_from_below():
 def test_the_toolstack_reaches_bench_only_when_the_command_runs():
     for path in sorted((ROOT / "toolstack").rglob("*.py")):
         assert not [n for n in top_level_imports(path) if n.split(".")[0] == "bench"], path
+
+
+def test_the_command_line_starts_without_the_heavy_modules():
+    """Every `ferry` command pays its imports: the control API needs neither
+    numpy (the stream layers) nor trio (the daemon) nor the policies."""
+    probe = "import sys, toolstack.cli.main; print(sorted(set(sys.modules) & HEAVY))"
+    heavy = {"numpy", "trio", "toolstack.policies", "protocol.libxc", "hypervisor.memory"}
+    r = subprocess.run(
+        [sys.executable, "-c", f"HEAVY = {heavy!r}\n{probe}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    from toolstack import Decision, Policy  # still there for policy authors, loaded on use
+
+    assert Policy.__name__ == "Policy" and Decision.__name__ == "PrecopyDecision"
 
 
 def test_the_layout_test_sees_an_upward_import(tmp_path):

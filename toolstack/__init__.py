@@ -13,8 +13,18 @@ For policy authors, the names to import are here:
     from toolstack import Decision, Policy
 """
 
-from protocol._gen_helper_msgs import PrecopyStats
+from protocol.lazy import lazy_exports
 
-from .policies import Decision, Estimator, Policy, PolicyError
+# Loaded when first named: the `ferry` command line imports none of them
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Decision": ".policies",
+        "Estimator": ".policies",
+        "Policy": ".policies",
+        "PolicyError": ".policies",
+        "PrecopyStats": "protocol._gen_helper_msgs",
+    },
+)
 
 __all__ = ["Decision", "Estimator", "Policy", "PolicyError", "PrecopyStats"]

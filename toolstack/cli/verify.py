@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from protocol import RemoteProtocolError, StreamChecker
+from protocol import RemoteProtocolError
 from protocol._gen_control_msgs import VerifyReport
-from protocol.check import FORMATS
+from protocol.formats import FORMATS
 
 from .commands import CliError, Command, emit_json
 
@@ -36,6 +36,8 @@ class VerifyStream(Command):
 
 
 def check_file(path: str, fmt: str | None) -> VerifyReport:
+    from protocol import StreamChecker  # numpy: loaded only for this command
+
     checker = StreamChecker(fmt)
     try:
         with open(path, "rb") as f:
