@@ -181,6 +181,7 @@ class PostcopySender:
         self.incoming.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         self.outbox = Outbox(self.incoming.sock, saver.writer)
         self.to_unmap: list[np.ndarray] = []  # sent pages still mapped here
+        self.to_unmap_pages = 0  # how many: summed as they come, not on every send
         self.buffer = 0
         self.set_buffer(SMALL_BUFFER)
         self.started_octets = saver.writer.written
@@ -293,17 +294,18 @@ class PostcopySender:
 
         self.outbox.put(libxc.encode_page_data(pfns, views, postcopy=True), then=self.unmap_later)
         self.to_unmap.append(pfns)
+        self.to_unmap_pages += len(pfns)
         self.sent[index] = True
         return len(index)
 
     def unmap_later(self) -> None:
         """Our mapping of sent pages goes in bulk (it would count in this
         helper's RSS), off the path of a requested page."""
-        if sum(len(p) for p in self.to_unmap) >= UNMAP_BATCH or not self.unsent:
+        if self.to_unmap and (self.to_unmap_pages >= UNMAP_BATCH or not self.unsent):
             sent = np.concatenate(self.to_unmap)
             first, end = int(sent.min()), int(sent.max()) + 1
             self.saver.memory.unmap(first, end - first)  # one call: pages between are shared too
-            self.to_unmap = []
+            self.to_unmap, self.to_unmap_pages = [], 0
 
     def say_progress(self, force: bool = False) -> None:
         now = time.monotonic()
