@@ -43,6 +43,7 @@ from protocol.pfnsets import sorted_distinct
 from protocol.postcopy import ForwardRules, ReturnRules
 
 from .fdio import Outbox, StreamClosed
+from .toolstack_link import LOG_WARNING
 
 # A requested page queues behind whatever push data is already on its way:
 # the batch being written and the sockets' buffers.  While the guest faults,
@@ -472,8 +473,22 @@ class PostcopyReceiver:
                     write_all(memfd, octets[at : at + n * PAGE_SIZE], start * PAGE_SIZE)
                     uffd.continue_(self.uffd, address, n * PAGE_SIZE)
                 else:
-                    uffd.copy(self.uffd, address, source + at, n * PAGE_SIZE)
+                    there = uffd.copy(self.uffd, address, source + at, n * PAGE_SIZE)
+                    if there:
+                        self.found_in_place(there)
             position += length
+
+    def found_in_place(self, addresses: list[int]) -> None:
+        """Pages of the set this helper took for holes were in the memfd
+        already, so UFFDIO_COPY left them as they were, not as the source
+        sent them.  That should not happen; say so, so that it can be traced."""
+        pfns = ", ".join(f"{(a - self.base) // PAGE_SIZE:#x}" for a in addresses[:8])
+        self.restorer.link.say(
+            LOG_WARNING,
+            "postcopy",
+            f"{len(addresses)} page(s) of the set were in place before their data came "
+            f"(pfn {pfns}): left as they were",
+        )
 
     def install_zeros(self, pfns: np.ndarray) -> None:
         """Zero pages: over a stale version the memfd holds, write zeros then

@@ -159,37 +159,45 @@ def read_faults(fd: int, max_faults: int = 256) -> list[tuple[int, int]]:
     return faults
 
 
-def copy(fd: int, dst: int, src: int, length: int) -> None:
+def copy(fd: int, dst: int, src: int, length: int) -> list[int]:
     """Install [src, src+length) at dst (the registering process's address) and
-    wake the threads waiting on it.  Pages that are there already are skipped."""
-    _until_done(fd, UFFDIO_COPY, dst, length, lambda at: [dst + at, src + at, length - at, 0, 0])
+    wake the threads waiting on it.  Pages that are there already are skipped:
+    their addresses are returned (the caller expected none)."""
+    return _until_done(
+        fd, UFFDIO_COPY, dst, length, lambda at: [dst + at, src + at, length - at, 0, 0]
+    )
 
 
-def continue_(fd: int, start: int, length: int) -> None:
+def continue_(fd: int, start: int, length: int) -> list[int]:
     """Map the pages the memfd holds at [start, start+length) and wake their
-    waiters (UFFDIO_CONTINUE).  Pages mapped already are skipped."""
-    _until_done(fd, UFFDIO_CONTINUE, start, length, lambda at: [start + at, length - at, 0, 0])
+    waiters (UFFDIO_CONTINUE).  Pages mapped already are skipped: their
+    addresses are returned."""
+    return _until_done(
+        fd, UFFDIO_CONTINUE, start, length, lambda at: [start + at, length - at, 0, 0]
+    )
 
 
-def _until_done(fd: int, request: int, start: int, length: int, words) -> None:
+def _until_done(fd: int, request: int, start: int, length: int, words) -> list[int]:
     """Repeat an install ioctl from where it stopped: `words(at)` are its
     arguments for the range from offset `at`, and its last word is what the
     kernel did.  EAGAIN stopped it part-way; EEXIST found the first page
-    there already (skipped, its waiters woken)."""
-    at = 0
+    there already (skipped, its waiters woken; its address returned)."""
+    at, skipped = 0, []
     while at < length:
         args = words(at)
         try:
             _ioctl(fd, request, args)
-            return
+            return skipped
         except UffdError as exc:
             done = max(int(exc.words[len(args) - 1]), 0)
-            if exc.errno == 17:  # EEXIST
-                done = max(done, PAGE)
+            if exc.errno == 17 and done == 0:  # EEXIST: the first page is there
+                skipped.append(start + at)
                 wake(fd, start + at, PAGE)
-            elif exc.errno != 11:  # EAGAIN
+                done = PAGE
+            elif exc.errno not in (11, 17):  # EAGAIN, or EEXIST after some pages
                 raise
             at += done
+    return skipped
 
 
 def zeropage(fd: int, dst: int, length: int) -> None:
