@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from protocol import libxc, libxl, xl
+from protocol import RemoteProtocolError, StreamChecker, libxc, libxl, xl
 from protocol.limits import PAGE_SIZE
 
 
@@ -45,3 +45,15 @@ def libxl_stream(inner: bytes | None = None) -> bytes:
 def save_file(config: dict | None = None, stream: bytes | None = None) -> bytes:
     config = {"name": "vm1", "memory_bytes": 1 << 20} if config is None else config
     return xl.encode_header(json.dumps(config).encode()) + libxl_stream(stream)
+
+
+def check_stream(data: bytes, fmt: str | None, chunk: int, max_pfns: int = 64) -> None:
+    """Feed `data` to a StreamChecker `chunk` octets at a time: it may refuse
+    the stream (RemoteProtocolError), and must raise nothing else."""
+    checker = StreamChecker(fmt, max_pfns=max_pfns)
+    try:
+        for i in range(0, len(data), chunk):
+            checker.feed(data[i : i + chunk])
+        checker.finish()
+    except RemoteProtocolError:
+        pass

@@ -9,23 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import NEED_DATA, RemoteProtocolError, RpcConnection, StreamChecker
+from protocol import NEED_DATA, RemoteProtocolError, RpcConnection
 from protocol import _gen_helper_msgs as hm
 from protocol import _gen_runner_msgs as rm
-from tests.streams import libxc_stream, save_file
+from tests.streams import check_stream, libxc_stream, save_file
 
 FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 VALID = {"libxc": libxc_stream(), "xl": save_file()}
-
-
-def check_stream(data: bytes, fmt: str | None, chunk: int) -> None:
-    checker = StreamChecker(fmt, max_pfns=64)
-    try:
-        for i in range(0, len(data), chunk):
-            checker.feed(data[i : i + chunk])
-        checker.finish()
-    except RemoteProtocolError:
-        pass
 
 
 @FUZZ

@@ -96,6 +96,24 @@ def switch_mid_first_pass(a, proxy) -> None:
     proxy.slow(None)  # at most one more batch goes before the switch
 
 
+def migrate_switching_mid_first_pass(a, b) -> dict:
+    """`ferry migrate vm1 --postcopy --json` over a slow link, switched by
+    hand during the first pass; its report once it succeeded."""
+    with FaultProxy("127.0.0.1", b.port) as proxy:
+        proxy.slow(SLOW_LINK, "up")
+        thread, outcome = migrate_in_background(
+            a, f"127.0.0.1:{proxy.port}", "--postcopy", "--json"
+        )
+        try:
+            switch_mid_first_pass(a, proxy)
+            thread.join(60)
+        finally:
+            proxy.cut()  # a postcopy still on it pauses (and the fixture ends it)
+            thread.join(60)
+    assert outcome["code"] == 0, outcome
+    return json.loads(outcome["stdout"])
+
+
 def listed(daemon) -> dict:
     return {d.name: d.state for d in daemon.call("list")}
 
@@ -234,24 +252,12 @@ def test_switch_mid_first_pass_by_job_control(pair, backend):
     a, b = pair
     create(a, rate=40_000 if backend == "sim" else 20_000, backend=backend)
     time.sleep(0.2)
-    with FaultProxy("127.0.0.1", b.port) as proxy:
-        proxy.slow(SLOW_LINK, "up")
-        thread, outcome = migrate_in_background(
-            a, f"127.0.0.1:{proxy.port}", "--postcopy", "--json"
-        )
-        try:
-            switch_mid_first_pass(a, proxy)
-            thread.join(60)
-            assert outcome["code"] == 0, outcome
-            report = json.loads(outcome["stdout"])
-            assert "operator requested postcopy" in report["decision"]
-            [first_pass] = report["iterations"]
-            assert first_pass["pages"] < 64 * MiB // PAGE // 2
-            assert_moved(a, b, report)
-            assert report["postcopy"]["pages"] > 64 * MiB // PAGE // 2
-        finally:
-            proxy.cut()  # a postcopy still on it pauses (and the fixture ends it)
-            thread.join(60)
+    report = migrate_switching_mid_first_pass(a, b)
+    assert "operator requested postcopy" in report["decision"]
+    [first_pass] = report["iterations"]
+    assert first_pass["pages"] < 64 * MiB // PAGE // 2
+    assert_moved(a, b, report)
+    assert report["postcopy"]["pages"] > 64 * MiB // PAGE // 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -307,24 +313,12 @@ def test_every_page_arrives_intact(pair):
         ram.bytes[:] = np.random.default_rng(11).integers(0, 256, ram.bytes.shape, np.uint8)
         ram.close()
     digest = ferry(a, "digest", "vm1").stdout.strip()
-    with FaultProxy("127.0.0.1", b.port) as proxy:
-        proxy.slow(SLOW_LINK, "up")
-        thread, outcome = migrate_in_background(
-            a, f"127.0.0.1:{proxy.port}", "--postcopy", "--json"
-        )
-        try:
-            switch_mid_first_pass(a, proxy)
-            thread.join(60)
-            assert outcome["code"] == 0, outcome
-            pc = json.loads(outcome["stdout"])["postcopy"]
-            assert pc["pages"] > 64 * MiB // PAGE // 2  # most pages came by postcopy
-            assert pc["pushed"] + pc["requested"] == pc["pages"]
-            assert listed(a) == {}
-            ferry(b, "pause", "vm1")  # it runs at the destination (idle): digests need it paused
-            assert ferry(b, "digest", "vm1").stdout.strip() == digest
-        finally:
-            proxy.cut()  # a postcopy still on it pauses (and the fixture ends it)
-            thread.join(60)
+    pc = migrate_switching_mid_first_pass(a, b)["postcopy"]
+    assert pc["pages"] > 64 * MiB // PAGE // 2  # most pages came by postcopy
+    assert pc["pushed"] + pc["requested"] == pc["pages"]
+    assert listed(a) == {}
+    ferry(b, "pause", "vm1")  # it runs at the destination (idle): digests need it paused
+    assert ferry(b, "digest", "vm1").stdout.strip() == digest
 
 
 # -- a daemon (or a helper) killed after the switch ------------------------------------

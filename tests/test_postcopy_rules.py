@@ -21,10 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import NEED_DATA, RemoteProtocolError, StreamChecker, libxc, libxl
+from protocol import NEED_DATA, RemoteProtocolError, libxc, libxl
 from protocol.limits import MAX_BATCH_PAGES
 from protocol.postcopy import ENDED, ForwardRules, ReturnRules
-from tests.streams import page
+from tests.streams import check_stream, page
 
 PAGES = 64  # the domain's size in these streams
 FUZZ = settings(max_examples=100, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
@@ -599,13 +599,7 @@ def test_mutated_postcopy_streams_raise_only_protocol_errors(stream, chunk, exac
             forward(data, [chunk], exact=exact)
         except RemoteProtocolError:
             pass
-    checker = StreamChecker(None, max_pfns=PAGES)
-    try:
-        for i in range(0, len(data), chunk):
-            checker.feed(data[i : i + chunk])
-        checker.finish()
-    except RemoteProtocolError:
-        pass
+    check_stream(data, None, chunk, max_pfns=PAGES)
 
 
 @FUZZ
