@@ -471,23 +471,25 @@ class PostcopyReceiver:
                 address = self.base + start * PAGE_SIZE
                 if stale:
                     write_all(memfd, octets[at : at + n * PAGE_SIZE], start * PAGE_SIZE)
-                    uffd.continue_(self.uffd, address, n * PAGE_SIZE)
+                    there = uffd.continue_(self.uffd, address, n * PAGE_SIZE)
                 else:
                     there = uffd.copy(self.uffd, address, source + at, n * PAGE_SIZE)
-                    if there:
-                        self.found_in_place(there)
+                if there:
+                    self.found_in_place(there)
             position += length
 
     def found_in_place(self, addresses: list[int]) -> None:
-        """Pages of the set this helper took for holes were in the memfd
-        already, so UFFDIO_COPY left them as they were, not as the source
-        sent them.  That should not happen; say so, so that it can be traced."""
+        """Pages of the set were in place before their data came: mapped
+        under the guest already (UFFDIO_CONTINUE skipped them, after the data
+        was written beneath a guest that may have written them too), or in
+        the memfd where a hole was expected (UFFDIO_COPY left them as they
+        were).  Neither should happen; say so, so that it can be traced."""
         pfns = ", ".join(f"{(a - self.base) // PAGE_SIZE:#x}" for a in addresses[:8])
         self.restorer.link.say(
             LOG_WARNING,
             "postcopy",
             f"{len(addresses)} page(s) of the set were in place before their data came "
-            f"(pfn {pfns}): left as they were",
+            f"(pfn {pfns})",
         )
 
     def install_zeros(self, pfns: np.ndarray) -> None:
