@@ -39,7 +39,7 @@ import numpy as np
 from hypervisor import uffd
 from protocol import NEED_DATA, RemoteProtocolError, libxc
 from protocol.limits import MAX_BATCH_PAGES, PAGE_SIZE
-from protocol.pfnsets import sorted_distinct
+from protocol.pfnsets import position, sorted_distinct
 from protocol.postcopy import ForwardRules, ReturnRules
 
 from .fdio import Outbox, StreamClosed
@@ -291,7 +291,7 @@ class PostcopySender:
         """Queue one POSTCOPY_PAGE_DATA record; once it is out, our mapping of
         its pages goes (they would count in this helper's RSS)."""
         pfns = self.pfns[index]
-        views = self.saver.prepare_batch(pfns, sweep=False, zeros=False).views
+        views = self.saver.page_views(pfns)
 
         self.outbox.put(libxc.encode_page_data(pfns, views, postcopy=True), then=self.unmap_later)
         self.to_unmap.append(pfns)
@@ -410,8 +410,8 @@ class PostcopyReceiver:
             if not 0 <= pfn < self.pages:
                 continue  # not guest RAM: cannot happen with one registered range
             page = self.base + pfn * PAGE_SIZE
-            i = int(np.searchsorted(self.rules.pfns, pfn))
-            if i >= len(self.rules.pfns) or int(self.rules.pfns[i]) != pfn:
+            i = position(self.rules.pfns, pfn)
+            if i is None:
                 if not self.precopy.fault(pfn):
                     uffd.zeropage(self.uffd, page, PAGE_SIZE)  # never held data: zero it is
                 continue
@@ -461,13 +461,13 @@ class PostcopyReceiver:
         if len(data) != len(pfns) * PAGE_SIZE:  # the decoder checked it: never
             raise RemoteProtocolError(f"{len(data)} octets of data for {len(pfns)} pages")
         source = data.ctypes.data
-        position = 0
+        run_at = 0  # where the current run's data starts in `octets`
         memfd, octets = self.restorer.memory.fd, memoryview(octets)
         pfn_runs = [(int(pfns[0]), 1)] if len(pfns) == 1 else runs(pfns)
         for first, count in pfn_runs:
             length = count * PAGE_SIZE
             for start, n, stale in split_by(self.stale, first, count):
-                at = position + (start - first) * PAGE_SIZE
+                at = run_at + (start - first) * PAGE_SIZE
                 address = self.base + start * PAGE_SIZE
                 if stale:
                     write_all(memfd, octets[at : at + n * PAGE_SIZE], start * PAGE_SIZE)
@@ -476,7 +476,7 @@ class PostcopyReceiver:
                     there = uffd.copy(self.uffd, address, source + at, n * PAGE_SIZE)
                 if there:
                     self.found_in_place(there)
-            position += length
+            run_at += length
 
     def found_in_place(self, addresses: list[int]) -> None:
         """Pages of the set were in place before their data came: mapped

@@ -40,8 +40,7 @@ from .toolstack_link import LOG_INFO, LOG_WARNING, ToolstackLink
 EMPTY_ITERATION_PAUSE = 0.005  # s: let a quiet guest dirty something before asking again
 # Never-touched guest pages are holes in the memfd.  Reading one through the
 # mapping would allocate it in the source (and fault, slowly): sweeps send
-# them as XALLOC, or (postcopy, which installs data) from one zero buffer.
-ZEROS = memoryview(bytes(MAX_BATCH_PAGES * PAGE_SIZE))
+# them as XALLOC.  (The postcopy set holds only pages the guest wrote.)
 POPULATE_MIN_PAGES = 16  # shorter runs: a syscall costs more than the faults it saves
 
 
@@ -278,29 +277,39 @@ class Saver:
         self.writer.writev(libxc.encode_hvm_params([]))
 
     # -- one batch ------------------------------------------------------------
-    def prepare_batch(self, pfns: np.ndarray, sweep: bool, zeros: bool = True) -> Batch:
+    def prepare_batch(self, pfns: np.ndarray, sweep: bool) -> Batch:
         """A batch straight from mapped guest RAM: one buffer per run of
         contiguous pages that carry data, no page copied in Python, each run
         mapped in one call (MADV_POPULATE_READ) rather than one fault per
         page inside the write.  All-zero pages go as XALLOC, without data
         (QEMU's zero-page detection); in a `sweep` over all of RAM, holes
-        (never-touched pages) are known zero without being read.  `zeros`
-        False: every page carries its data (postcopy installs what it gets)."""
+        (never-touched pages) are known zero without being read."""
         if not len(pfns):
             return Batch(pfns, None, [], 0)
         zero = self.holes(pfns) if sweep else np.zeros(len(pfns), bool)
         for first, count in self.runs_of(pfns, ~zero):
             if count >= POPULATE_MIN_PAGES:
                 self.memory.populate(first * PAGE_SIZE, count * PAGE_SIZE)
-        if zeros:
-            zero |= self.zero_pages(pfns, ~zero)
-        elif zero.any():  # holes, but postcopy wants data: send zeros
-            return Batch(pfns, None, self.views_with_holes(pfns, zero), 0)
+        zero |= self.zero_pages(pfns, ~zero)
         views = [self.memory.page_view(f, c) for f, c in self.runs_of(pfns, ~zero)]
         if not zero.any():
             return Batch(pfns, None, views, 0)
         types = np.where(zero, libxc.PAGE_TYPE_XALLOC, libxc.PAGE_TYPE_NOTAB).astype(np.uint64)
         return Batch(pfns, types, views, int(np.count_nonzero(zero)))
+
+    def page_views(self, pfns: np.ndarray) -> list[memoryview]:
+        """Every page's data from the mapping, zero pages and holes included (a
+        postcopy page goes in as it comes): a buffer per run of consecutive
+        pfns, long runs mapped in one call.  A page alone (a fault, postcopy's
+        common case) skips the numpy work."""
+        if len(pfns) == 1:
+            return [self.memory.page_view(int(pfns[0]))]
+        views = []
+        for first, count in self.runs_of(pfns, np.ones(len(pfns), bool)):
+            if count >= POPULATE_MIN_PAGES:
+                self.memory.populate(first * PAGE_SIZE, count * PAGE_SIZE)
+            views.append(self.memory.page_view(first, count))
+        return views
 
     def runs_of(self, pfns: np.ndarray, keep: np.ndarray) -> list[tuple[int, int]]:
         """(first pfn, count) of each run of consecutive pfns where `keep`."""
@@ -331,15 +340,6 @@ class Saver:
         if len(maybe):
             zero[maybe] = ~self.memory.words[pfns[maybe].astype(np.intp)].any(axis=1)
         return zero
-
-    def views_with_holes(self, pfns: np.ndarray, hole: np.ndarray) -> list[memoryview]:
-        """Every page's buffer in order: runs from the mapping, holes from ZEROS."""
-        views = []
-        for first, count, is_hole in stretches(pfns, hole):
-            views.append(
-                ZEROS[: count * PAGE_SIZE] if is_hole else self.memory.page_view(first, count)
-            )
-        return views
 
     def prepare(self, pfns: np.ndarray, sweep: bool) -> list[Batch]:
         """A batch as one record per connection its pages go on (shards.py)."""
@@ -429,15 +429,6 @@ class Saver:
         bitmap = np.unpackbits(np.frombuffer(log.bitmap, np.uint8), bitorder="little")
         pfns = np.flatnonzero(bitmap[: self.pages]).astype(np.uint64)
         return pfns, log.count
-
-
-def stretches(pfns: np.ndarray, flag: np.ndarray):
-    """(first pfn, count, flag) of each run of consecutive pfns with one flag."""
-    breaks = np.flatnonzero((np.diff(pfns) != 1) | (flag[1:] != flag[:-1])) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pfns)]))
-    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-        yield int(pfns[s]), e - s, bool(flag[s])
 
 
 def holds_data(pfns: np.ndarray, extents: list[tuple[int, int]]) -> np.ndarray:

@@ -27,3 +27,11 @@ def sorted_distinct(pfns: np.ndarray) -> tuple[np.ndarray, bool]:
     ordered = np.sort(pfns)
     first = np.concatenate(([True], ordered[1:] != ordered[:-1]))
     return ordered[first], not bool(first.all())
+
+
+def position(pfns: np.ndarray, pfn: int) -> int | None:
+    """Where `pfn` is in the sorted uint64 array `pfns`, or None.  The pfn
+    is made a uint64 first: searching for a Python int would convert the
+    whole array (O(n), 30 us for 65,536 pfns, on every postcopy fault)."""
+    i = int(pfns.searchsorted(np.uint64(pfn)))
+    return i if i < len(pfns) and int(pfns[i]) == pfn else None

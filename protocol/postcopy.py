@@ -39,7 +39,7 @@ import numpy as np
 from . import libxc
 from .errors import RemoteProtocolError
 from .limits import MAX_BATCH_PAGES
-from .pfnsets import sorted_distinct
+from .pfnsets import position, sorted_distinct
 
 PRECOPY, CONTEXT, PFNS, PAGES, ENDED = "precopy", "context", "pfns", "pages", "ended"
 
@@ -217,8 +217,8 @@ class ForwardRules:
         return index
 
     def _one_page(self, pfn: int, offset: int) -> np.ndarray:
-        i = int(np.searchsorted(self.pfns, pfn))
-        if i >= len(self.pfns) or int(self.pfns[i]) != pfn:
+        i = position(self.pfns, pfn)
+        if i is None:
             raise RemoteProtocolError(f"pfn {pfn:#x} was not announced for postcopy", offset)
         if self.sent[i]:
             raise RemoteProtocolError(f"postcopy pfn {pfn:#x} sent twice", offset)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from protocol import NEED_DATA, RemoteProtocolError, libxc, libxl
 from protocol.limits import MAX_BATCH_PAGES
+from protocol.pfnsets import position
 from protocol.postcopy import ENDED, ForwardRules, ReturnRules
 from tests.streams import check_stream, page
 
@@ -155,6 +156,13 @@ def test_a_valid_postcopy_stream_is_accepted_and_every_page_arrives_once():
             assert bytes(e.data) == b"".join(page(int(p)) for p in e.pfns)
     rules, _ = forward(b"".join(records), exact=True)
     assert rules.state == ENDED
+
+
+def test_a_pfn_is_found_in_the_set_or_not_at_all():
+    pfns = np.array([4, 5, 9, 2**40], np.uint64)
+    found = [position(pfns, p) for p in (4, 9, 2**40, 0, 6, 2**41)]
+    assert found == [0, 2, 3, None, None, None]
+    assert position(np.empty(0, np.uint64), 3) is None
 
 
 def test_an_empty_postcopy_set_is_a_valid_stream():
