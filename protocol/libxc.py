@@ -108,6 +108,7 @@ HAS_NO_DATA = np.isin(np.arange(16), _NO_DATA_TYPES)
 _IS_RESERVED = np.isin(np.arange(16), _RESERVED_TYPES)
 
 PAGE_DATA_HEADER = struct.Struct("<II")  # count, reserved
+ONE_ENTRY = struct.Struct("<IIQ")  # count (1), reserved, the one pfn entry
 TSC_INFO = struct.Struct("<IIQII")  # mode, khz, nsec, incarnation, reserved
 HVM_PARAM = struct.Struct("<QQ")
 
@@ -255,6 +256,14 @@ def encode_page_data(pfns: np.ndarray, pages: list, types=None, postcopy=False) 
     """PAGE_DATA for `pfns`, page contents given as buffers (any split: one
     buffer per page, per run of pages, or one for all).  No page is copied."""
     count = len(pfns)
+    rtype = REC_POSTCOPY_PAGE_DATA if postcopy else REC_PAGE_DATA
+    if (
+        count == 1
+        and types is None
+        and sum(memoryview(p).nbytes for p in pages) == limits.PAGE_SIZE
+    ):
+        # one page with its data (a postcopy fault's answer): no numpy
+        return record_buffers(rtype, [ONE_ENTRY.pack(1, 0, int(pfns[0])), *pages])
     if not 0 < count <= limits.MAX_BATCH_PAGES:
         raise LocalProtocolError(f"PAGE_DATA needs 1..{limits.MAX_BATCH_PAGES} pages, got {count}")
     entries = np.asarray(pfns, dtype=np.uint64)
@@ -268,7 +277,6 @@ def encode_page_data(pfns: np.ndarray, pages: list, types=None, postcopy=False) 
         raise LocalProtocolError(
             f"PAGE_DATA: {n_data} pages carry data but {data_len} octets given"
         )
-    rtype = REC_POSTCOPY_PAGE_DATA if postcopy else REC_PAGE_DATA
     head = PAGE_DATA_HEADER.pack(count, 0)
     return record_buffers(rtype, [head, entries.astype("<u8").tobytes(), *pages])
 
@@ -280,8 +288,10 @@ def page_data_size(pages: int) -> int:
 
 
 def encode_pfn_list(pfns, fault: bool = False, resume: bool = False) -> list:
-    pfns = np.asarray(pfns, dtype="<u8")
     rtype = PfnList(pfns, fault, resume).record_type
+    if len(pfns) == 1:  # one fault (the common case): no numpy
+        return record_buffers(rtype, [ONE_ENTRY.pack(1, 0, int(pfns[0]))])
+    pfns = np.asarray(pfns, dtype="<u8")
     return record_buffers(rtype, [PAGE_DATA_HEADER.pack(len(pfns), 0), pfns.tobytes()])
 
 
@@ -494,6 +504,11 @@ class LibxcDecoder:
             raise RemoteProtocolError(
                 f"{name}: body_length {len(body)} does not match count {count}", at + 4
             )
+        if count == 1:  # one fault (the common case): no numpy until the result
+            pfn = ONE_ENTRY.unpack_from(body)[2]
+            if pfn >= self.max_pfns:
+                raise self._outside(name, pfn, at)
+            return np.array([pfn], np.uint64)
         pfns = np.frombuffer(body, dtype="<u8", count=count, offset=8)
         self._check_pfns(name, pfns, at)
         return pfns
@@ -501,14 +516,18 @@ class LibxcDecoder:
     def _check_pfns(self, name: str, pfns: np.ndarray, at: int) -> None:
         too_big = pfns >= self.max_pfns
         if too_big.any():
-            bad = int(pfns[too_big][0])
-            raise RemoteProtocolError(
-                f"{name}: pfn {bad:#x} is outside the domain ({self.max_pfns} pages)", at + 16
-            )
+            raise self._outside(name, int(pfns[too_big][0]), at)
+
+    def _outside(self, name: str, pfn: int, at: int) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            f"{name}: pfn {pfn:#x} is outside the domain ({self.max_pfns} pages)", at + 16
+        )
 
     def _page_data(self, rtype: int, body: memoryview, at: int) -> PageData:
         name = record_name(rtype)
         count = self._counted_header(name, body, at, 8)
+        if count == 1:
+            return self._one_page(name, rtype, body, at)
         entries = np.frombuffer(body, dtype="<u8", count=count, offset=8)
         if (entries & np.uint64(PFN_RESERVED_MASK)).any():
             raise RemoteProtocolError(f"{name}: reserved pfn bits 52-59 are not zero", at + 16)
@@ -528,6 +547,32 @@ class LibxcDecoder:
         pfns.flags.writeable = False
         types.flags.writeable = False
         return PageData(pfns, types, body[8 + 8 * count :], rtype == REC_POSTCOPY_PAGE_DATA)
+
+    def _one_page(self, name: str, rtype: int, body: memoryview, at: int) -> PageData:
+        """_page_data for a record of one page (a postcopy fault's answer, the
+        common case there), checked in the same order without numpy's
+        per-call cost."""
+        _count, _reserved, entry = ONE_ENTRY.unpack_from(body)
+        if entry & PFN_RESERVED_MASK:
+            raise RemoteProtocolError(f"{name}: reserved pfn bits 52-59 are not zero", at + 16)
+        ptype = entry >> TYPE_SHIFT
+        if _IS_RESERVED[ptype]:
+            raise RemoteProtocolError(f"{name}: unrecognised page type", at + 16)
+        pfn = entry & PFN_MASK
+        if pfn >= self.max_pfns:
+            raise self._outside(name, pfn, at)
+        n_data = 0 if HAS_NO_DATA[ptype] else 1
+        expected = 16 + n_data * limits.PAGE_SIZE
+        if len(body) != expected:
+            raise RemoteProtocolError(
+                f"{name}: body_length {len(body)} does not match 1 pfns with "
+                f"{n_data} data pages ({expected} octets)",
+                at + 4,
+            )
+        pfns, types = np.array([pfn], np.uint64), np.array([ptype], np.uint8)
+        pfns.flags.writeable = False
+        types.flags.writeable = False
+        return PageData(pfns, types, body[16:], rtype == REC_POSTCOPY_PAGE_DATA)
 
     def _hvm_params(self, body: memoryview, at: int) -> HvmParams:
         if len(body) < 8:
