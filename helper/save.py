@@ -95,7 +95,7 @@ class Saver:
         self.progress = Progress()
         self.policy_wait_ns = 0  # reported in every PrecopyStats: RPC cost, visible
         self.stop_requested = False
-        self._extents: list[tuple[int, int]] | None = None  # data extents of a sweep
+        self._extents: DataExtents | None = None  # data extents of a sweep
         # the extra connections' writers (shards.py)
         self.shards = [ShardWriter(fd, i) for i, fd in enumerate(extra_fds, start=1)]
         self.extra_octets = 0  # what they wrote, once they ended
@@ -222,7 +222,7 @@ class Saver:
         dirty, _count = self.dirty_pfns()
         self.disable_logdirty()
         if self.progress.iteration == 0 and len(unsent):
-            unsent = unsent[holds_data(unsent, self.memory.data_extents())]
+            unsent = unsent[DataExtents(self.memory.data_extents()).holds(unsent)]
         pfns = pfnsets.union(self.pages, dirty, unsent)
         self.link.say(
             LOG_INFO, "save", f"postcopy: {len(pfns)} pages will follow the guest to its new host"
@@ -327,8 +327,8 @@ class Saver:
         extents are read once per sweep: a hole the guest fills later is
         dirty, so a later pass resends it."""
         if self._extents is None:
-            self._extents = self.memory.data_extents()
-        return ~holds_data(pfns, self._extents)
+            self._extents = DataExtents(self.memory.data_extents())
+        return ~self._extents.holds(pfns)
 
     def zero_pages(self, pfns: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Which `pfns` (among `candidates`, mapped already) hold only zeros:
@@ -431,9 +431,20 @@ class Saver:
         return pfns, log.count
 
 
-def holds_data(pfns: np.ndarray, extents: list[tuple[int, int]]) -> np.ndarray:
-    """A mask of the `pfns` inside the memfd's data extents (not holes)."""
-    mask = np.zeros(len(pfns), bool)
-    for first, end in extents:
-        mask |= (pfns >= first) & (pfns < end)
-    return mask
+class DataExtents:
+    """The memfd's data extents (`GuestMemory.data_extents`) as arrays, to
+    ask of many pfns at once which hold data.  A guest that wrote pages at
+    random leaves tens of thousands of extents: each pfn finds the last one
+    starting at or before it by binary search (testing every extent for
+    every pfn took 150 ms per 1,024-page batch)."""
+
+    def __init__(self, extents: list[tuple[int, int]]) -> None:
+        pairs = np.array(extents, np.uint64).reshape(-1, 2)
+        self.firsts, self.ends = pairs[:, 0].copy(), pairs[:, 1].copy()
+
+    def holds(self, pfns: np.ndarray) -> np.ndarray:
+        """A mask of the `pfns` inside an extent (not holes)."""
+        if not len(self.ends):
+            return np.zeros(len(pfns), bool)
+        last = np.searchsorted(self.firsts, pfns, side="right").astype(np.intp) - 1
+        return (last >= 0) & (pfns < self.ends[np.maximum(last, 0)])
