@@ -99,6 +99,10 @@ class HotPoller:
     def stay_hot(self, ns: int) -> None:
         self.hot_until = max(self.hot_until, time.monotonic_ns() + ns)
 
+    def cool(self) -> None:
+        """Sleep in poll() again from now on (an empty answer is a timeout)."""
+        self.hot_until = 0
+
     def poll(self, timeout_ms: float) -> dict[int, int]:
         """{fd: events} ready, waiting at most `timeout_ms` (none while hot)."""
         if timeout_ms and time.monotonic_ns() < self.hot_until:
@@ -292,6 +296,8 @@ class PostcopySender:
             if i is not None:
                 return [i]
             index, outside = np.zeros(1, np.intp), np.ones(1, bool)
+        elif not len(self.pfns):  # an empty set (a resume with nothing left): none is in it
+            index, outside = np.zeros(len(pfns), np.intp), np.ones(len(pfns), bool)
         else:
             index = np.minimum(np.searchsorted(self.pfns, pfns), len(self.pfns) - 1)
             outside = self.pfns[index] != pfns
@@ -457,6 +463,7 @@ class PostcopyReceiver:
             self.say_progress(force=True)
             poller.unregister(self.uffd)
             poller.register(sock, select.POLLIN)
+            poller.cool()  # no guest waits now; read_to_end counts empty polls as silence
             self.read_to_end(poller)
         finally:
             self.stream.close()

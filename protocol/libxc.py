@@ -508,7 +508,9 @@ class LibxcDecoder:
             pfn = ONE_ENTRY.unpack_from(body)[2]
             if pfn >= self.max_pfns:
                 raise self._outside(name, pfn, at)
-            return np.array([pfn], np.uint64)
+            pfns = np.array([pfn], np.uint64)
+            pfns.flags.writeable = False  # as a view of a received body is
+            return pfns
         pfns = np.frombuffer(body, dtype="<u8", count=count, offset=8)
         self._check_pfns(name, pfns, at)
         return pfns
