@@ -39,7 +39,7 @@ import numpy as np
 from hypervisor import uffd
 from protocol import NEED_DATA, RemoteProtocolError, libxc
 from protocol.limits import MAX_BATCH_PAGES, PAGE_SIZE
-from protocol.pfnsets import position, sorted_distinct
+from protocol.pfnsets import position, positions, runs, sorted_distinct
 from protocol.postcopy import ForwardRules, ReturnRules
 
 from .fdio import Outbox, StreamClosed
@@ -122,16 +122,6 @@ def from_the_destination(exc: RemoteProtocolError) -> DestinationBrokeRules:
     if isinstance(exc, DestinationBrokeRules):
         return exc
     return DestinationBrokeRules(exc.rule, exc.offset)
-
-
-def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
-    """(first pfn, count) of each stretch of consecutive pfns in sorted `pfns`."""
-    if not len(pfns):
-        return []
-    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pfns)]))
-    return [(int(pfns[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
 class RecordStream:
@@ -295,14 +285,9 @@ class PostcopySender:
             i = position(self.pfns, int(pfns[0]))
             if i is not None:
                 return [i]
-            index, outside = np.zeros(1, np.intp), np.ones(1, bool)
-        elif not len(self.pfns):  # an empty set (a resume with nothing left): none is in it
-            index, outside = np.zeros(len(pfns), np.intp), np.ones(len(pfns), bool)
-        else:
-            index = np.minimum(np.searchsorted(self.pfns, pfns), len(self.pfns) - 1)
-            outside = self.pfns[index] != pfns
-        if outside.any():
-            bad = int(pfns[outside][0])
+        index, found = positions(self.pfns, pfns)
+        if not found.all():
+            bad = int(pfns[~found][0])
             raise DestinationBrokeRules(f"POSTCOPY_FAULT: pfn {bad:#x} is not in the postcopy set")
         return index.tolist()
 

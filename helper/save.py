@@ -287,11 +287,9 @@ class Saver:
         if not len(pfns):
             return Batch(pfns, None, [], 0)
         zero = self.holes(pfns) if sweep else np.zeros(len(pfns), bool)
-        for first, count in self.runs_of(pfns, ~zero):
-            if count >= POPULATE_MIN_PAGES:
-                self.memory.populate(first * PAGE_SIZE, count * PAGE_SIZE)
+        self.map_runs(pfnsets.runs(pfns[~zero]))
         zero |= self.zero_pages(pfns, ~zero)
-        views = [self.memory.page_view(f, c) for f, c in self.runs_of(pfns, ~zero)]
+        views = [self.memory.page_view(f, c) for f, c in pfnsets.runs(pfns[~zero])]
         if not zero.any():
             return Batch(pfns, None, views, 0)
         types = np.where(zero, libxc.PAGE_TYPE_XALLOC, libxc.PAGE_TYPE_NOTAB).astype(np.uint64)
@@ -304,23 +302,15 @@ class Saver:
         common case) skips the numpy work."""
         if len(pfns) == 1:
             return [self.memory.page_view(int(pfns[0]))]
-        views = []
-        for first, count in self.runs_of(pfns, np.ones(len(pfns), bool)):
+        pfn_runs = pfnsets.runs(pfns)
+        self.map_runs(pfn_runs)
+        return [self.memory.page_view(first, count) for first, count in pfn_runs]
+
+    def map_runs(self, pfn_runs: list[tuple[int, int]]) -> None:
+        """Map each long run of pages in one call, before a write reads them."""
+        for first, count in pfn_runs:
             if count >= POPULATE_MIN_PAGES:
                 self.memory.populate(first * PAGE_SIZE, count * PAGE_SIZE)
-            views.append(self.memory.page_view(first, count))
-        return views
-
-    def runs_of(self, pfns: np.ndarray, keep: np.ndarray) -> list[tuple[int, int]]:
-        """(first pfn, count) of each run of consecutive pfns where `keep`."""
-        positions = np.flatnonzero(keep)
-        if not len(positions):
-            return []
-        chosen = pfns[positions]
-        breaks = np.flatnonzero(np.diff(chosen) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [len(chosen)]))
-        return list(zip(chosen[starts].tolist(), (ends - starts).tolist(), strict=True))
 
     def holes(self, pfns: np.ndarray) -> np.ndarray:
         """Which `pfns` are holes in the memfd: never touched, zero.  The

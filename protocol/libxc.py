@@ -528,17 +528,10 @@ class LibxcDecoder:
     def _page_data(self, rtype: int, body: memoryview, at: int) -> PageData:
         name = record_name(rtype)
         count = self._counted_header(name, body, at, 8)
-        if count == 1:
-            return self._one_page(name, rtype, body, at)
-        entries = np.frombuffer(body, dtype="<u8", count=count, offset=8)
-        if (entries & np.uint64(PFN_RESERVED_MASK)).any():
-            raise RemoteProtocolError(f"{name}: reserved pfn bits 52-59 are not zero", at + 16)
-        types = (entries >> np.uint64(TYPE_SHIFT)).astype(np.uint8)
-        if _IS_RESERVED[types].any():
-            raise RemoteProtocolError(f"{name}: unrecognised page type", at + 16)
-        pfns = entries & np.uint64(PFN_MASK)
-        self._check_pfns(name, pfns, at)
-        n_data = len(types) - int(np.count_nonzero(HAS_NO_DATA[types]))
+        if count == 1:  # a postcopy fault's answer, the common case there: no numpy
+            pfns, types, n_data = self._one_entry(name, body, at)
+        else:
+            pfns, types, n_data = self._entries(name, body, count, at)
         expected = 8 + 8 * count + n_data * limits.PAGE_SIZE
         if len(body) != expected:
             raise RemoteProtocolError(
@@ -550,31 +543,39 @@ class LibxcDecoder:
         types.flags.writeable = False
         return PageData(pfns, types, body[8 + 8 * count :], rtype == REC_POSTCOPY_PAGE_DATA)
 
-    def _one_page(self, name: str, rtype: int, body: memoryview, at: int) -> PageData:
-        """_page_data for a record of one page (a postcopy fault's answer, the
-        common case there), checked in the same order without numpy's
-        per-call cost."""
-        _count, _reserved, entry = ONE_ENTRY.unpack_from(body)
+    def _entries(self, name: str, body: memoryview, count: int, at: int):
+        """The pfns, the types and how many pages carry data, each entry checked."""
+        entries = np.frombuffer(body, dtype="<u8", count=count, offset=8)
+        if (entries & np.uint64(PFN_RESERVED_MASK)).any():
+            raise self._reserved_bits(name, at)
+        types = (entries >> np.uint64(TYPE_SHIFT)).astype(np.uint8)
+        if _IS_RESERVED[types].any():
+            raise self._unknown_type(name, at)
+        pfns = entries & np.uint64(PFN_MASK)
+        self._check_pfns(name, pfns, at)
+        return pfns, types, len(types) - int(np.count_nonzero(HAS_NO_DATA[types]))
+
+    def _one_entry(self, name: str, body: memoryview, at: int):
+        """_entries for a record of one page, the same checks in the same order."""
+        entry = ONE_ENTRY.unpack_from(body)[2]
         if entry & PFN_RESERVED_MASK:
-            raise RemoteProtocolError(f"{name}: reserved pfn bits 52-59 are not zero", at + 16)
+            raise self._reserved_bits(name, at)
         ptype = entry >> TYPE_SHIFT
         if _IS_RESERVED[ptype]:
-            raise RemoteProtocolError(f"{name}: unrecognised page type", at + 16)
+            raise self._unknown_type(name, at)
         pfn = entry & PFN_MASK
         if pfn >= self.max_pfns:
             raise self._outside(name, pfn, at)
-        n_data = 0 if HAS_NO_DATA[ptype] else 1
-        expected = 16 + n_data * limits.PAGE_SIZE
-        if len(body) != expected:
-            raise RemoteProtocolError(
-                f"{name}: body_length {len(body)} does not match 1 pfns with "
-                f"{n_data} data pages ({expected} octets)",
-                at + 4,
-            )
         pfns, types = np.array([pfn], np.uint64), np.array([ptype], np.uint8)
-        pfns.flags.writeable = False
-        types.flags.writeable = False
-        return PageData(pfns, types, body[16:], rtype == REC_POSTCOPY_PAGE_DATA)
+        return pfns, types, 0 if HAS_NO_DATA[ptype] else 1
+
+    @staticmethod
+    def _reserved_bits(name: str, at: int) -> RemoteProtocolError:
+        return RemoteProtocolError(f"{name}: reserved pfn bits 52-59 are not zero", at + 16)
+
+    @staticmethod
+    def _unknown_type(name: str, at: int) -> RemoteProtocolError:
+        return RemoteProtocolError(f"{name}: unrecognised page type", at + 16)
 
     def _hvm_params(self, body: memoryview, at: int) -> HvmParams:
         if len(body) < 8:

@@ -35,3 +35,22 @@ def position(pfns: np.ndarray, pfn: int) -> int | None:
     whole array (O(n), 30 us for 65,536 pfns, on every postcopy fault)."""
     i = int(pfns.searchsorted(np.uint64(pfn)))
     return i if i < len(pfns) and int(pfns[i]) == pfn else None
+
+
+def positions(pfns: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of `wanted` is in the sorted array `pfns`, and which of
+    them are there at all (an index is meaningless where not found)."""
+    index = np.searchsorted(pfns, wanted)
+    found = index < len(pfns)
+    found[found] = pfns[index[found]] == wanted[found]
+    return index, found
+
+
+def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
+    """(first pfn, count) of each stretch of consecutive pfns, in order."""
+    if not len(pfns):
+        return []
+    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pfns)]))
+    return list(zip(pfns[starts].tolist(), (ends - starts).tolist(), strict=True))

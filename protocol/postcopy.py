@@ -39,7 +39,7 @@ import numpy as np
 from . import libxc
 from .errors import RemoteProtocolError
 from .limits import MAX_BATCH_PAGES
-from .pfnsets import position, sorted_distinct
+from .pfnsets import position, positions, sorted_distinct
 
 PRECOPY, CONTEXT, PFNS, PAGES, ENDED = "precopy", "context", "pfns", "pages", "ended"
 
@@ -200,10 +200,7 @@ class ForwardRules:
         Returns their indices in the set."""
         if len(pfns) == 1:  # a faulted page, alone: the common case, kept cheap
             return self._one_page(int(pfns[0]), offset)
-        index = np.searchsorted(self.pfns, pfns)
-        inside = index < len(self.pfns)
-        announced = inside.copy()
-        announced[inside] = self.pfns[index[inside]] == pfns[inside]
+        index, announced = positions(self.pfns, pfns)
         if not announced.all():
             bad = int(pfns[~announced][0])
             raise RemoteProtocolError(f"pfn {bad:#x} was not announced for postcopy", offset)
