@@ -152,6 +152,34 @@ def test_broken_rules_are_named_with_their_offset(data, rule):
     assert info.value.offset is not None
 
 
+ONE_PAGE = libxc_stream(pfns=(5,))  # a record of one page: the decoder's own path for it
+ENTRY = PAGE_REC + 16  # the record's one pfn entry
+
+
+@pytest.mark.parametrize(
+    "data, rule, offset",
+    [
+        (corrupt(ONE_PAGE, PAGE_REC + 12, b"\x01"), "reserved field", PAGE_REC + 12),
+        (corrupt(ONE_PAGE, ENTRY, (64).to_bytes(8, "little")), "pfn 0x40 is outside", ENTRY),
+        (corrupt(ONE_PAGE, ENTRY + 7, b"\x01"), "reserved pfn bits", ENTRY),
+        (corrupt(ONE_PAGE, ENTRY + 7, b"\x50"), "unrecognised page type", ENTRY),
+        # typed XTAB, which carries no data, with its 4096 octets still there
+        (corrupt(ONE_PAGE, ENTRY + 7, b"\xf0"), "1 pfns with 0 data pages", PAGE_REC + 4),
+    ],
+)
+def test_a_broken_one_page_record_is_named_like_any_other(data, rule, offset):
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_all(libxc.LibxcDecoder(max_pfns=64), data)
+    assert rule in str(info.value)
+    assert info.value.offset == offset
+
+
+def test_a_one_page_record_decodes_as_read_only_arrays():
+    pages = [e for e in decode_all(libxc.LibxcDecoder(), ONE_PAGE) if isinstance(e, libxc.PageData)]
+    assert [int(p) for p in pages[0].pfns] == [5] and bytes(pages[0].data) == page(5)
+    assert not pages[0].pfns.flags.writeable and not pages[0].types.flags.writeable
+
+
 def test_pfn_limit_is_the_domain_size_when_known():
     with pytest.raises(RemoteProtocolError, match="pfn 0x5 is outside the domain"):
         decode_all(libxc.LibxcDecoder(max_pfns=5), STREAM)

@@ -51,3 +51,26 @@ def test_a_continue_over_mapped_pages_skips_them(registered):
     os.pwrite(memfd, b"\x11" * PAGE, 0)
     assert uffd.continue_(fd, base, 2 * PAGE) == []
     assert uffd.continue_(fd, base, 2 * PAGE) == [base, base + PAGE]
+
+
+def test_the_restore_helper_names_set_pages_it_found_in_place(registered):
+    """A page of the postcopy set taken for a hole but there already is not
+    overwritten in silence: the helper's warning names its pfn."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from helper.postcopy import PostcopyReceiver
+
+    fd, base, memfd = registered
+    said = []
+    receiver = PostcopyReceiver.__new__(PostcopyReceiver)  # only the install path is needed
+    receiver.uffd, receiver.base = fd, base
+    receiver.stale = np.zeros(2, bool)  # both taken for holes; page 1 is in the memfd
+    receiver.restorer = SimpleNamespace(
+        memory=SimpleNamespace(fd=memfd),
+        link=SimpleNamespace(say=lambda level, what, text: said.append(text)),
+    )
+    receiver.install_data(np.array([0, 1], np.uint64), memoryview(b"\xa5" * 2 * PAGE))
+    assert said == ["1 page(s) of the set were in place before their data came (pfn 0x1)"]
+    assert os.pread(memfd, PAGE, 0) == b"\xa5" * PAGE
