@@ -21,8 +21,13 @@ chunk at a time; one the memfd lacks never held data: a zero page.  Once
 every page of the set is in place: POSTCOPY_COMPLETE, then the source's
 END (the runner unregisters: what is left unmapped the kernel maps).
 
-The stream socket carries both directions; this module reads only as many
-octets as the next record needs, so nothing after the libxc END is taken.
+The stream socket carries both directions; this module never reads past a
+direction's last record (END, POSTCOPY_COMPLETE): what follows belongs to
+the layer above.  A fault and its answer, each a record alone, take the
+short way: one look at the socket (MSG_PEEK) and one read, decoded without
+the decoder's events or numpy (`lone_fault`, `lone_page`); on this VM a
+helper the kernel has just woken runs cold, and every module touched then
+costs cache misses (idle link, fault p50 286-345 -> 158-173 us).
 Postcopy runs over sockets only (a save file has no return direction).
 """
 
@@ -32,12 +37,13 @@ import os
 import select
 import socket
 import time
+from bisect import bisect_left
 from collections import deque
 
 import numpy as np
 
 from hypervisor import uffd
-from protocol import NEED_DATA, RemoteProtocolError, libxc
+from protocol import NEED_DATA, RemoteProtocolError, framing, libxc
 from protocol.limits import MAX_BATCH_PAGES, PAGE_SIZE
 from protocol.pfnsets import position, positions, runs, sorted_distinct
 from protocol.postcopy import ForwardRules, ReturnRules
@@ -67,6 +73,11 @@ MAP_CHUNK = 2048  # precopy's pages mapped between two polls (~0.6 ms)
 # and the other direction is served between two takes.
 TAKE_RECORDS = 64  # a flood of POSTCOPY_FAULT: 64 x 8 KiB
 TAKE_OCTETS = 256 << 10  # POSTCOPY_PAGE_DATA: a few records (or one of up to 4 MiB)
+# A look at the socket for small records (faults, a faulted page) covers a
+# few of them; a larger record is read as the decoder asks (its header, then
+# its body in one read).
+PEEK_OCTETS = 16 << 10
+LAST_RECORDS = (libxc.REC_END, libxc.REC_POSTCOPY_COMPLETE)  # nothing after these is ours
 ZEROS = bytes(64 * PAGE_SIZE)  # written over a stale page that became a zero page
 # While a guest waits for a page, both helpers stay hot (see HotPoller):
 HOT_AFTER_ASK_NS = 200_000  # destination: from asking for a page
@@ -132,19 +143,24 @@ class RecordStream:
         self.sock = socket.socket(fileno=os.dup(fd))
         self.decoder = decoder
         self.octets = 0
+        self.peek_buffer = bytearray(PEEK_OCTETS)  # what a look finds is read into it
+        self.peek_address = np.frombuffer(self.peek_buffer, np.uint8).ctypes.data
 
     def close(self) -> None:
         self.sock.close()
 
-    def available(self) -> list:
+    def available(self, alone=None) -> list:
         """The whole records that have arrived (perhaps none), at most
         TAKE_RECORDS of them or about TAKE_OCTETS: a peer that writes faster
         than this side acts leaves the rest in the socket, where poll() still
-        sees it, rather than growing this process.  The decoder is fed only
-        what the record being read still needs, so nothing is held back in
-        it when this returns."""
+        sees it, rather than growing this process.  Nothing past the
+        direction's last record (END, POSTCOPY_COMPLETE) is ever taken: it
+        belongs to the layer above.  `alone(octets)`, when given, is offered
+        the octets of a look first: True when it took them (a lone fault or
+        page, decoded and acted on without the decoder's events)."""
         events = []
         started = self.octets
+        peeked = False
         while True:
             event = self.decoder.next_event()
             if event is not NEED_DATA:
@@ -154,20 +170,64 @@ class RecordStream:
                 if len(events) >= TAKE_RECORDS or self.octets - started >= TAKE_OCTETS:
                     return events
                 continue
-            # Exactly what the record still needs: a whole body arrives in one
-            # bytearray the decoder keeps without copying.
-            buf = bytearray(self.decoder.wanted)
-            try:
-                got = self.sock.recv_into(buf, len(buf), socket.MSG_DONTWAIT)
-            except BlockingIOError:
+            if peeked:
+                return events  # what came after the look: poll() tells
+            if self.decoder.between_records:
+                took = self.take_whole_records(alone)
+                if took is None:
+                    return events
+                if took:
+                    peeked = True
+                    continue
+            if not self.take_wanted():
                 return events
-            except ConnectionResetError:
-                got = 0
-            if not got:
-                raise StreamClosed("the other host closed the stream during postcopy")
-            del buf[got:]
-            self.octets += got
-            self.decoder.feed(buf)
+
+    def take_whole_records(self, alone=None) -> int | None:
+        """The small records waiting in the socket, in two calls: a look
+        (MSG_PEEK) finds where the whole ones end, a read takes exactly
+        those.  A fault and its page each cost one such pair instead of a
+        read per header and per body and a last read that finds nothing
+        (each tens of microseconds on a helper the kernel just woke).
+        None when nothing waits; 0 when the first record is not whole yet."""
+        look = socket.MSG_PEEK | socket.MSG_DONTWAIT
+        try:
+            seen = self.sock.recv_into(self.peek_buffer, PEEK_OCTETS, look)
+        except BlockingIOError:
+            return None
+        except ConnectionResetError:
+            seen = 0
+        if not seen:
+            raise StreamClosed("the other host closed the stream during postcopy")
+        whole = framing.whole_records(memoryview(self.peek_buffer)[:seen], LAST_RECORDS)
+        if not whole:
+            return 0
+        # The same octets again, now taken from the socket, over what the look saw
+        got = self.sock.recv_into(self.peek_buffer, whole, socket.MSG_DONTWAIT)  # seen: there
+        if got != whole:  # only this process reads the socket: cannot happen
+            raise StreamClosed(f"the stream gave {got} of the {whole} octets it showed")
+        self.octets += whole
+        octets = memoryview(self.peek_buffer)[:whole]
+        if alone is None or not alone(octets):
+            self.decoder.feed(bytearray(octets))  # the decoder keeps what it is fed
+        return whole
+
+    def take_wanted(self) -> bool:
+        """Exactly what the record being read still needs (a large one): a
+        whole body arrives in one bytearray the decoder keeps without
+        copying.  False when nothing waits."""
+        buf = bytearray(self.decoder.wanted)
+        try:
+            got = self.sock.recv_into(buf, len(buf), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            got = 0
+        if not got:
+            raise StreamClosed("the other host closed the stream during postcopy")
+        del buf[got:]
+        self.octets += got
+        self.decoder.feed(buf)
+        return True
 
 
 def return_decoder(pages: int) -> libxc.LibxcDecoder:
@@ -209,6 +269,8 @@ class PostcopySender:
         self.pfns = pfns  # the set, sorted
         self.sent = np.zeros(len(pfns), bool)
         self.queued = np.zeros(len(pfns), bool)
+        # the same, one item at a time without numpy (see libxc.ONE_RECORD)
+        self.pfn_at, self.sent_at, self.queued_at = map(memoryview, (pfns, self.sent, self.queued))
         self.requests: deque[int] = deque()  # indices into pfns, as the faults came
         self.cursor = 0  # where the background push goes on
         self.push = MIN_PUSH
@@ -218,8 +280,8 @@ class PostcopySender:
         self.incoming = incoming or RecordStream(saver.writer.fd, return_decoder(saver.pages))
         self.incoming.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         self.outbox = Outbox(self.incoming.sock, saver.writer)
-        self.to_unmap: list[np.ndarray] = []  # sent pages still mapped here
-        self.to_unmap_pages = 0  # how many: summed as they come, not on every send
+        # sent pages still mapped here: how many, and the pfns they span
+        self.to_unmap_pages = self.to_unmap_first = self.to_unmap_end = 0
         self.buffer = 0
         self.set_buffer(SMALL_BUFFER)
         self.started_octets = saver.writer.written
@@ -261,20 +323,38 @@ class PostcopySender:
 
     def read_requests(self) -> None:
         try:
-            for event in self.incoming.available():
+            for event in self.incoming.available(self.lone_fault):
                 pfns = self.rules.event(event, self.incoming.decoder.offset)
                 if pfns is not None:
                     self.queue(pfns)
         except RemoteProtocolError as exc:
             raise from_the_destination(exc) from None
 
+    def lone_fault(self, octets) -> bool:
+        """One fault of one pfn, postcopy's common case, queued without the
+        decoder's events or numpy; False for anything else (see RecordStream)."""
+        if not self.rules.takes_faults:
+            return False
+        pfn = self.incoming.decoder.one_fault(octets)
+        if pfn is None:
+            return False
+        i = bisect_left(self.pfn_at, pfn)
+        if i == len(self.pfn_at) or self.pfn_at[i] != pfn:
+            raise DestinationBrokeRules(f"POSTCOPY_FAULT: pfn {pfn:#x} is not in the postcopy set")
+        self.incoming.decoder.took(octets)
+        self.request(i)
+        return True
+
     def queue(self, pfns: np.ndarray) -> None:
         """Faulted pfns: each one of the set not yet sent nor queued goes to the
         front.  Duplicates cost nothing (a flood of them is bounded by the set)."""
         for i in self.set_indices(pfns):
-            if not self.sent[i] and not self.queued[i]:
-                self.queued[i] = True
-                self.requests.append(i)
+            self.request(i)
+
+    def request(self, i: int) -> None:
+        if not self.sent_at[i] and not self.queued_at[i]:
+            self.queued_at[i] = True
+            self.requests.append(i)
         self.last_fault = time.monotonic_ns()
         self.push = MIN_PUSH
         self.set_buffer(SMALL_BUFFER)
@@ -301,11 +381,14 @@ class PostcopySender:
             take = []
             while self.requests and len(take) < MIN_PUSH:
                 i = self.requests.popleft()
-                if not self.sent[i]:
+                if not self.sent_at[i]:
                     take.append(i)
             if take:
                 self.cursor = (take[-1] + 1) % len(self.pfns)  # push on from the last fault
-                self.requested += self.send(np.sort(np.array(take)))
+                if len(take) == 1:
+                    self.requested += self.send_one(take[0])
+                else:
+                    self.requested += self.send(np.sort(np.array(take)))
                 self.poller.stay_hot(HOT_AFTER_ANSWER_NS)  # the guest's next fault
                 return
         if self.push_held():
@@ -342,19 +425,34 @@ class PostcopySender:
         views = self.saver.page_views(pfns)
 
         self.outbox.put(libxc.encode_page_data(pfns, views, postcopy=True), then=self.unmap_later)
-        self.to_unmap.append(pfns)
-        self.to_unmap_pages += len(pfns)
         self.sent[index] = True
+        self.to_unmap(int(pfns[0]), int(pfns[-1]) + 1, len(pfns))
         return len(index)
+
+    def send_one(self, i: int) -> int:
+        """`send` for a page alone (a fault's answer), without numpy."""
+        pfn = self.pfn_at[i]
+        record = libxc.encode_one_page(pfn, self.saver.memory.page_view(pfn))
+        self.outbox.put(record, then=self.unmap_later)
+        self.sent_at[i] = True
+        self.to_unmap(pfn, pfn + 1, 1)
+        return 1
+
+    def to_unmap(self, first: int, end: int, count: int) -> None:
+        """Sent pages [first, end) join those still mapped here."""
+        if not self.to_unmap_pages:
+            self.to_unmap_first, self.to_unmap_end = first, end
+        self.to_unmap_first = min(self.to_unmap_first, first)
+        self.to_unmap_end = max(self.to_unmap_end, end)
+        self.to_unmap_pages += count
 
     def unmap_later(self) -> None:
         """Our mapping of sent pages goes in bulk (it would count in this
         helper's RSS), off the path of a requested page."""
-        if self.to_unmap and (self.to_unmap_pages >= UNMAP_BATCH or not self.unsent):
-            sent = np.concatenate(self.to_unmap)
-            first, end = int(sent.min()), int(sent.max()) + 1
+        if self.to_unmap_pages and (self.to_unmap_pages >= UNMAP_BATCH or not self.unsent):
+            first, end = self.to_unmap_first, self.to_unmap_end
             self.saver.memory.unmap(first, end - first)  # one call: pages between are shared too
-            self.to_unmap, self.to_unmap_pages = [], 0
+            self.to_unmap_pages = 0
 
     def say_progress(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -410,8 +508,10 @@ class PostcopyReceiver:
         self.base = base
         self.precopy = precopy
         self.stale = restorer.stored  # pages the memfd holds: a set page there is stale
+        self.stale_at = memoryview(self.stale)  # one at a time, without numpy
         self.pages = restorer.memory.pages
         self.asked = np.zeros(len(rules.pfns), bool)
+        self.asked_at = memoryview(self.asked)
         self.waiting: dict[int, int] = {}  # pfn -> when its first fault was read (ns)
         self.latencies: list[int] = []  # us, since the last progress message
         self.requested = 0
@@ -461,17 +561,17 @@ class PostcopyReceiver:
             if not 0 <= pfn < self.pages:
                 continue  # not guest RAM: cannot happen with one registered range
             page = self.base + pfn * PAGE_SIZE
-            i = position(self.rules.pfns, pfn)
-            if i is None:
+            i = bisect_left(self.rules.pfn_at, pfn)  # numpy-free: see libxc.ONE_RECORD
+            if i == len(self.rules.pfn_at) or self.rules.pfn_at[i] != pfn:
                 if not self.precopy.fault(pfn):
                     uffd.zeropage(self.uffd, page, PAGE_SIZE)  # never held data: zero it is
                 continue
-            if self.rules.sent[i]:
+            if self.rules.sent_at[i]:
                 uffd.wake(self.uffd, page, PAGE_SIZE)  # arrived meanwhile
                 continue
             self.waiting.setdefault(pfn, now)
-            if not self.asked[i]:
-                self.asked[i] = True
+            if not self.asked_at[i]:
+                self.asked_at[i] = True
                 ask.append(pfn)
         for start in range(0, len(ask), MAX_BATCH_PAGES):
             chunk = ask[start : start + MAX_BATCH_PAGES]
@@ -482,10 +582,30 @@ class PostcopyReceiver:
             self.poller.stay_hot(HOT_AFTER_ASK_NS)  # the answer comes soon
 
     def on_records(self) -> None:
-        for event in self.stream.available():
+        for event in self.stream.available(self.lone_page):
             self.rules.event(event, self.stream.decoder.offset)
             if isinstance(event, libxc.PageData):
                 self.install(event)
+
+    def lone_page(self, octets) -> bool:
+        """A page alone (a fault's answer, postcopy's common case), checked
+        and put in place without the decoder's events or numpy; False for
+        anything else, which then takes the general way (see RecordStream)."""
+        pfn = self.stream.decoder.one_page(octets)
+        if pfn is None or self.rules.one_page(pfn) is None:
+            return False
+        self.stream.decoder.took(octets)
+        page_at = libxc.ONE_RECORD.size  # where the page is in `octets` and the look's buffer
+        address = self.base + pfn * PAGE_SIZE
+        if self.stale_at[pfn]:
+            write_all(self.restorer.memory.fd, octets[page_at:], pfn * PAGE_SIZE)
+            there = uffd.continue_(self.uffd, address, PAGE_SIZE)
+        else:
+            there = uffd.copy(self.uffd, address, self.stream.peek_address + page_at, PAGE_SIZE)
+        if there:
+            self.found_in_place(there)
+        self.installed((pfn,))
+        return True
 
     def install(self, event: libxc.PageData) -> None:
         """Put a batch's pages in place (the rules have checked each is new).
@@ -498,13 +618,17 @@ class PostcopyReceiver:
             self.install_data(event.pfns[~no_data], event.data)
         else:
             self.install_data(event.pfns, event.data)
+        self.installed(event.pfns.tolist())
+
+    def installed(self, pfns) -> None:
+        """`pfns` are in place: a guest that waited for one may fault again soon."""
         now = time.monotonic_ns()
-        for pfn in event.pfns.tolist():
+        for pfn in pfns:
             started = self.waiting.pop(pfn, None)
             if started is not None:
                 self.latencies.append(min((now - started) // 1000, 2**32 - 1))
                 self.poller.stay_hot(HOT_AFTER_INSTALL_NS)  # the guest's next fault
-        self.restorer.pages_written += len(event.pfns)
+        self.restorer.pages_written += len(pfns)
 
     def install_data(self, pfns: np.ndarray, octets) -> None:
         """`pfns` with a page of `octets` each, in order: over a stale version

@@ -25,6 +25,23 @@ def padding_for(length: int) -> int:
     return -length % ALIGN
 
 
+def whole_records(data, last_types: tuple[int, ...]) -> int:
+    """How many octets at the front of `data` are whole records, none after
+    a record of one of `last_types` (what follows it belongs to someone
+    else); 0 when not even the first record is whole.  The lengths are only
+    summed here: the decoder checks each record when it is fed these octets."""
+    end = 0
+    while len(data) - end >= RECORD_HEADER.size:
+        rtype, length = RECORD_HEADER.unpack_from(data, end)
+        total = RECORD_HEADER.size + length + padding_for(length)
+        if len(data) - end < total:
+            break
+        end += total
+        if rtype in last_types:
+            break
+    return end
+
+
 def record_buffers(rtype: int, body: list) -> list:
     """Header, body buffers and padding of one record, ready for writev."""
     length = sum(memoryview(b).nbytes for b in body)
@@ -90,10 +107,21 @@ class RecordReader:
     def feed_eof(self) -> None:
         self.eof = True
 
+    def skip(self, n: int) -> None:
+        """`n` octets were read and decoded past this buffer (between records)."""
+        if not self.between_records:
+            raise LocalProtocolError("skip() inside a record")
+        self._base += n
+
     @property
     def offset(self) -> int:
         """Stream offset of the next unread octet."""
         return self._base + self._pos
+
+    @property
+    def between_records(self) -> bool:
+        """Nothing of a record is buffered: the next octet starts one."""
+        return self._body is None and self._pos == len(self._buf)
 
     @property
     def buffered(self) -> int:

@@ -109,6 +109,14 @@ _IS_RESERVED = np.isin(np.arange(16), _RESERVED_TYPES)
 
 PAGE_DATA_HEADER = struct.Struct("<II")  # count, reserved
 ONE_ENTRY = struct.Struct("<IIQ")  # count (1), reserved, the one pfn entry
+# A record of one entry, header included: a postcopy fault (24 octets) or
+# its answer (24 + a page).  Its decoding below uses no numpy: on a helper
+# the kernel has just woken, every module touched costs cache misses, and
+# a fault's round trip is made of such wake-ups.
+ONE_RECORD = struct.Struct("<IIIIQ")  # type, body_length, count (1), reserved, entry
+ONE_FAULT_OCTETS = ONE_RECORD.size
+ONE_PAGE_OCTETS = ONE_RECORD.size + limits.PAGE_SIZE
+_DATA_TYPES = frozenset(t for t in range(16) if not HAS_NO_DATA[t] and not _IS_RESERVED[t])
 TSC_INFO = struct.Struct("<IIQII")  # mode, khz, nsec, incarnation, reserved
 HVM_PARAM = struct.Struct("<QQ")
 
@@ -263,7 +271,7 @@ def encode_page_data(pfns: np.ndarray, pages: list, types=None, postcopy=False) 
         and sum(memoryview(p).nbytes for p in pages) == limits.PAGE_SIZE
     ):
         # one page with its data (a postcopy fault's answer): no numpy
-        return record_buffers(rtype, [ONE_ENTRY.pack(1, 0, int(pfns[0])), *pages])
+        return [ONE_RECORD.pack(rtype, ONE_PAGE_OCTETS - 8, 1, 0, int(pfns[0])), *pages]
     if not 0 < count <= limits.MAX_BATCH_PAGES:
         raise LocalProtocolError(f"PAGE_DATA needs 1..{limits.MAX_BATCH_PAGES} pages, got {count}")
     entries = np.asarray(pfns, dtype=np.uint64)
@@ -287,10 +295,16 @@ def page_data_size(pages: int) -> int:
     return records * 16 + pages * (8 + limits.PAGE_SIZE)
 
 
+def encode_one_page(pfn: int, page) -> list:
+    """POSTCOPY_PAGE_DATA of one page with its data: `encode_page_data`
+    for a fault's answer, without numpy (see ONE_RECORD)."""
+    return [ONE_RECORD.pack(REC_POSTCOPY_PAGE_DATA, ONE_PAGE_OCTETS - 8, 1, 0, pfn), page]
+
+
 def encode_pfn_list(pfns, fault: bool = False, resume: bool = False) -> list:
     rtype = PfnList(pfns, fault, resume).record_type
     if len(pfns) == 1:  # one fault (the common case): no numpy
-        return record_buffers(rtype, [ONE_ENTRY.pack(1, 0, int(pfns[0]))])
+        return [ONE_RECORD.pack(rtype, ONE_FAULT_OCTETS - 8, 1, 0, int(pfns[0]))]
     pfns = np.asarray(pfns, dtype="<u8")
     return record_buffers(rtype, [PAGE_DATA_HEADER.pack(len(pfns), 0), pfns.tobytes()])
 
@@ -386,6 +400,56 @@ class LibxcDecoder:
     @property
     def done(self) -> bool:
         return self._state == "done"
+
+    @property
+    def between_records(self) -> bool:
+        """Past the headers and nothing of a record buffered: octets that
+        start with whole records (`framing.whole_records`) may be fed."""
+        return self._state == "records" and self._reader.between_records
+
+    # -- one-entry records, the postcopy fault path ---------------------------
+    def one_fault(self, data) -> int | None:
+        """The pfn when `data` is exactly one POSTCOPY_FAULT record of one pfn
+        inside the domain, read between records; None for anything else,
+        which `feed` then takes (and refuses with the rule it breaks): only a
+        record that passes every check comes here.  Once the caller has
+        acted on it, `took(data)` moves the stream past it."""
+        if len(data) != ONE_FAULT_OCTETS or not self.between_records:
+            return None
+        rtype, length, count, reserved, pfn = ONE_RECORD.unpack_from(data)
+        if (
+            rtype != REC_POSTCOPY_FAULT
+            or length != ONE_FAULT_OCTETS - 8
+            or count != 1
+            or reserved
+            or pfn >= self.max_pfns
+        ):
+            return None
+        return pfn
+
+    def one_page(self, data) -> int | None:
+        """The pfn when `data` is exactly one POSTCOPY_PAGE_DATA record of one
+        page with its data (data[ONE_RECORD.size:]), inside the domain, read
+        between records; None for anything else (see `one_fault`)."""
+        if len(data) != ONE_PAGE_OCTETS or not self.between_records:
+            return None
+        rtype, length, count, reserved, entry = ONE_RECORD.unpack_from(data)
+        if (
+            rtype != REC_POSTCOPY_PAGE_DATA
+            or length != ONE_PAGE_OCTETS - 8
+            or count != 1
+            or reserved
+            or entry & PFN_RESERVED_MASK
+            or (entry >> TYPE_SHIFT) not in _DATA_TYPES
+            or (entry & PFN_MASK) >= self.max_pfns
+        ):
+            return None
+        return entry & PFN_MASK
+
+    def took(self, data) -> None:
+        """`data`, a record `one_fault` or `one_page` accepted, was acted on."""
+        self._reader.skip(len(data))
+        self._seen_pages = self._seen_pages or len(data) == ONE_PAGE_OCTETS
 
     def trailing(self) -> bytes:
         if not self.done:

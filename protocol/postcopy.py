@@ -34,6 +34,8 @@ is refused while it is read, before it outgrows the domain (`PfnListing`).
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import numpy as np
 
 from . import libxc
@@ -121,19 +123,25 @@ class ForwardRules:
     def __init__(self) -> None:
         self.state = PRECOPY
         self._listed = PfnListing("POSTCOPY_PFNS")
-        self.pfns = np.empty(0, np.uint64)  # the set, sorted, once announced
-        self.sent = np.empty(0, bool)  # parallel to pfns
         self.sent_count = 0
         self._context = False
+        self._announce(np.empty(0, np.uint64))
 
     @classmethod
     def resumed(cls, lacking: np.ndarray) -> ForwardRules:
         """A resumed stream: only the pages still lacking may come, each once."""
         rules = cls()
         rules.state = PAGES
-        rules.pfns, _ = sorted_distinct(lacking)
-        rules.sent = np.zeros(len(rules.pfns), bool)
+        rules._announce(sorted_distinct(lacking)[0])
         return rules
+
+    def _announce(self, pfns: np.ndarray) -> None:
+        self.pfns = pfns  # the set, sorted, once announced
+        self.sent = np.zeros(len(pfns), bool)  # parallel to pfns
+        # The same arrays seen as Python sequences: one pfn looked up or
+        # marked without numpy (see libxc.ONE_RECORD for why)
+        self.pfn_at = memoryview(pfns)
+        self.sent_at = memoryview(self.sent)
 
     @property
     def postcopy(self) -> bool:
@@ -223,10 +231,23 @@ class ForwardRules:
         self.sent_count += 1
         return np.array([i])
 
+    def one_page(self, pfn: int) -> int | None:
+        """A page that came alone (`LibxcDecoder.one_page`, the answer to a
+        fault): its index in the set, now marked sent.  None where the page
+        may not come now, without a change: `event` then refuses it with the
+        rule it breaks."""
+        if self.state != PAGES:
+            return None
+        i = bisect_left(self.pfn_at, pfn)
+        if i == len(self.pfn_at) or self.pfn_at[i] != pfn or self.sent_at[i]:
+            return None
+        self.sent_at[i] = True
+        self.sent_count += 1
+        return i
+
     def _close_set(self, offset: int) -> None:
-        self.pfns = self._listed.close(offset)
+        self._announce(self._listed.close(offset))
         self._listed = PfnListing("POSTCOPY_PFNS")
-        self.sent = np.zeros(len(self.pfns), bool)
 
     def _expect(self, state: str, what: str, offset: int) -> None:
         if self.state != state:
@@ -245,6 +266,12 @@ class ReturnRules:
         self.complete = False
         self.listing = resumed  # still reading the RESUME list
         self._lacking = PfnListing("POSTCOPY_RESUME")
+
+    @property
+    def takes_faults(self) -> bool:
+        """A POSTCOPY_FAULT may come now (`LibxcDecoder.one_fault`'s pfns
+        need no other check)."""
+        return not self.complete and not self.listing
 
     @property
     def lacking(self) -> list[np.ndarray]:

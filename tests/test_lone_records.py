@@ -1,0 +1,213 @@
+"""The postcopy fault path's short cuts: a fault of one pfn and its answer of
+one page are read in one look at the socket and decoded without the decoder's
+events (`LibxcDecoder.one_fault`, `one_page`, `ForwardRules.one_page`,
+`helper.postcopy.RecordStream`).  A short cut may only ever take what the
+general path takes, with the same pfn and the same effect; anything else is
+left to the general path, which names the rule it breaks."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import NEED_DATA, RemoteProtocolError, framing, libxc
+from protocol.limits import PAGE_SIZE
+from protocol.postcopy import PAGES, ForwardRules
+from tests.streams import page
+
+PAGES_IN_DOMAIN = 64
+
+
+def joined(buffers: list) -> bytes:
+    return b"".join(bytes(memoryview(b)) for b in buffers)
+
+
+def general(record: bytes, max_pfns: int = PAGES_IN_DOMAIN):
+    """The general decoder's verdict on a record: its event, or its error."""
+    decoder = libxc.LibxcDecoder(max_pfns=max_pfns, records_only=True)
+    decoder.feed(bytearray(record))
+    try:
+        return decoder.next_event()
+    except RemoteProtocolError as exc:
+        return exc
+
+
+FAULT = joined(libxc.encode_pfn_list([7], fault=True))
+ANSWER = joined(libxc.encode_one_page(9, page(9)))
+
+
+def test_the_one_record_encoders_write_what_the_general_ones_do():
+    pfns = np.array([9], np.uint64)
+    assert ANSWER == joined(libxc.encode_page_data(pfns, [page(9)], postcopy=True))
+    assert len(FAULT) == libxc.ONE_FAULT_OCTETS and len(ANSWER) == libxc.ONE_PAGE_OCTETS
+    assert general(FAULT).pfns.tolist() == [7]
+    assert general(ANSWER).pfns.tolist() == [9]
+
+
+def flip(record: bytes, at: int, value: int) -> bytes:
+    out = bytearray(record)
+    out[at] = value
+    return bytes(out)
+
+
+# Each octet of a lone record's first 24 changed to each of a few values:
+# whatever the short cut takes, the general decoder takes with the same pfn.
+MUTATIONS = [(at, value) for at in range(libxc.ONE_RECORD.size) for value in (0, 1, 0x40, 0xFF)]
+
+
+@pytest.mark.parametrize(("at", "value"), MUTATIONS)
+def test_a_lone_fault_is_taken_only_as_the_decoder_takes_it(at, value):
+    record = flip(FAULT, at, value)
+    decoder = libxc.LibxcDecoder(max_pfns=PAGES_IN_DOMAIN, records_only=True)
+    pfn = decoder.one_fault(record)
+    verdict = general(record)
+    if pfn is not None:
+        assert isinstance(verdict, libxc.PfnList) and verdict.fault
+        assert verdict.pfns.tolist() == [pfn]
+    else:  # left to the general path: a record it refuses, or not a lone fault
+        assert not (isinstance(verdict, libxc.PfnList) and verdict.fault and len(record) == 24)
+
+
+@pytest.mark.parametrize(("at", "value"), MUTATIONS)
+def test_a_lone_page_is_taken_only_as_the_decoder_takes_it(at, value):
+    record = flip(ANSWER, at, value)
+    decoder = libxc.LibxcDecoder(max_pfns=PAGES_IN_DOMAIN, records_only=True)
+    pfn = decoder.one_page(record)
+    verdict = general(record)
+    if pfn is not None:
+        assert isinstance(verdict, libxc.PageData) and verdict.postcopy
+        assert verdict.pfns.tolist() == [pfn]
+        assert bytes(verdict.data) == record[libxc.ONE_RECORD.size :]
+    elif isinstance(verdict, libxc.PageData):  # every lone page with data is taken
+        assert not verdict.postcopy or libxc.HAS_NO_DATA[verdict.types[0]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=libxc.ONE_RECORD.size + 16))
+def test_random_octets_are_never_taken_unless_the_decoder_takes_them(junk):
+    for record in (junk, junk + bytes(PAGE_SIZE)):
+        decoder = libxc.LibxcDecoder(max_pfns=PAGES_IN_DOMAIN, records_only=True)
+        for short_cut in (decoder.one_fault, decoder.one_page):
+            pfn = short_cut(record)
+            if pfn is not None:
+                assert general(record).pfns.tolist() == [pfn]
+
+
+def test_a_pfn_outside_the_domain_is_left_to_the_decoder_which_names_it():
+    record = joined(libxc.encode_pfn_list([PAGES_IN_DOMAIN], fault=True))
+    decoder = libxc.LibxcDecoder(max_pfns=PAGES_IN_DOMAIN, records_only=True)
+    assert decoder.one_fault(record) is None
+    assert "outside the domain" in str(general(record))
+
+
+def test_a_taken_record_moves_the_stream_on_and_the_next_error_names_its_offset():
+    decoder = libxc.LibxcDecoder(max_pfns=PAGES_IN_DOMAIN, records_only=True)
+    assert decoder.one_fault(FAULT) == 7
+    assert decoder.offset == 0  # not until the caller has acted on it
+    decoder.took(FAULT)
+    assert decoder.offset == len(FAULT)
+    bad = joined(libxc.encode_pfn_list([PAGES_IN_DOMAIN], fault=True))
+    decoder.feed(bytearray(bad))
+    with pytest.raises(RemoteProtocolError) as refused:
+        decoder.next_event()
+    assert refused.value.offset == len(FAULT) + 16
+
+
+def test_a_record_is_not_taken_from_the_middle_of_another():
+    decoder = libxc.LibxcDecoder(max_pfns=PAGES_IN_DOMAIN, records_only=True)
+    decoder.feed(bytearray(FAULT[:8]))  # a header buffered
+    assert decoder.next_event() is NEED_DATA
+    assert decoder.one_fault(FAULT) is None
+
+
+# -- where whole records end ---------------------------------------------------------
+def test_whole_records_end_at_the_last_whole_one():
+    two = FAULT + ANSWER
+    last = (libxc.REC_END, libxc.REC_POSTCOPY_COMPLETE)
+    assert framing.whole_records(two, last) == len(two)
+    assert framing.whole_records(two[:-1], last) == len(FAULT)
+    assert framing.whole_records(FAULT[:-1], last) == 0
+    assert framing.whole_records(b"", last) == 0
+
+
+def test_nothing_after_the_directions_last_record_is_counted():
+    complete = joined(libxc.encode_marker(libxc.REC_POSTCOPY_COMPLETE))
+    end = joined(libxc.encode_marker(libxc.REC_END))
+    last = (libxc.REC_END, libxc.REC_POSTCOPY_COMPLETE)
+    assert framing.whole_records(FAULT + complete + FAULT, last) == len(FAULT + complete)
+    assert framing.whole_records(ANSWER + end + b"libxl", last) == len(ANSWER + end)
+
+
+def test_a_huge_length_is_only_summed():
+    header = struct.pack("<II", libxc.REC_POSTCOPY_PAGE_DATA, 0xFFFFFFF8)
+    assert framing.whole_records(header + bytes(64), (libxc.REC_END,)) == 0
+
+
+# -- the rules -----------------------------------------------------------------------
+def rules_with_set(pfns: list[int]) -> ForwardRules:
+    rules = ForwardRules.resumed(np.array(pfns, np.uint64))
+    assert rules.state == PAGES
+    return rules
+
+
+def test_a_lone_page_of_the_set_is_marked_sent_once():
+    rules = rules_with_set([3, 9, 20])
+    assert rules.one_page(9) == 1
+    assert rules.sent.tolist() == [False, True, False] and rules.remaining == 2
+    assert rules.one_page(9) is None  # twice: the general path names it
+    with pytest.raises(RemoteProtocolError, match="sent twice"):
+        rules.page_data(np.array([9], np.uint64), 0)
+
+
+@pytest.mark.parametrize("pfn", [0, 4, 21, 2**52 - 1])
+def test_a_lone_page_outside_the_set_changes_nothing(pfn):
+    rules = rules_with_set([3, 9, 20])
+    assert rules.one_page(pfn) is None
+    assert rules.remaining == 3 and not rules.sent.any()
+
+
+def test_a_lone_page_before_the_transition_is_left_to_the_general_path():
+    rules = ForwardRules()
+    assert rules.one_page(0) is None
+
+
+# -- the stream socket -----------------------------------------------------------------
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_lone_fault_is_taken_in_one_look_and_what_follows_complete_is_left(pair):
+    from helper.postcopy import RecordStream, return_decoder
+
+    a, b = pair
+    stream = RecordStream(b.fileno(), return_decoder(PAGES_IN_DOMAIN))
+    try:
+        taken = []
+
+        def alone(octets) -> bool:
+            pfn = stream.decoder.one_fault(octets)
+            if pfn is None:
+                return False
+            stream.decoder.took(octets)
+            taken.append(pfn)
+            return True
+
+        a.sendall(FAULT)
+        assert stream.available(alone) == [] and taken == [7]
+        complete = joined(libxc.encode_marker(libxc.REC_POSTCOPY_COMPLETE))
+        a.sendall(FAULT + complete + b"the next layer's")
+        events = stream.available(alone)
+        assert [type(e) for e in events] == [libxc.PfnList, libxc.Marker]
+        assert taken == [7] and stream.octets == 2 * len(FAULT) + len(complete)
+        assert b.recv(64) == b"the next layer's"  # never read by the helper
+    finally:
+        stream.close()
