@@ -136,13 +136,14 @@ def from_the_destination(exc: RemoteProtocolError) -> DestinationBrokeRules:
 
 
 class RecordStream:
-    """Records from the stream socket without blocking and without reading past
-    what the decoder needs.  `poll_fd` is the fd to poll for them."""
+    """Records from the stream socket, without blocking and never past the
+    direction's last record.  `sock` is the socket to poll for them."""
 
     def __init__(self, fd: int, decoder) -> None:
         self.sock = socket.socket(fileno=os.dup(fd))
         self.decoder = decoder
         self.octets = 0
+        self.ended = False  # the direction's last record came: nothing more is ours
         self.peek_buffer = bytearray(PEEK_OCTETS)  # what a look finds is read into it
         self.peek_address = np.frombuffer(self.peek_buffer, np.uint8).ctypes.data
 
@@ -150,37 +151,44 @@ class RecordStream:
         self.sock.close()
 
     def available(self, alone=None) -> list:
-        """The whole records that have arrived (perhaps none), at most
-        TAKE_RECORDS of them or about TAKE_OCTETS: a peer that writes faster
-        than this side acts leaves the rest in the socket, where poll() still
-        sees it, rather than growing this process.  Nothing past the
-        direction's last record (END, POSTCOPY_COMPLETE) is ever taken: it
-        belongs to the layer above.  `alone(octets)`, when given, is offered
-        the octets of a look first: True when it took them (a lone fault or
-        page, decoded and acted on without the decoder's events)."""
-        events = []
+        """The whole records that have arrived (perhaps none).  Small ones
+        are taken all at once, as many as a look at the socket finds whole
+        (`take_whole_records`, at most PEEK_OCTETS), and all are decoded
+        before this returns: none waits in the decoder, where poll() would
+        not see it.  A larger record is read as the decoder asks
+        (`take_wanted`); those reads stop after about TAKE_RECORDS records
+        or TAKE_OCTETS, leaving the rest in the socket, so a peer that writes
+        faster than this side acts fills its own buffers, not this process.
+        Nothing past the direction's last record (END, POSTCOPY_COMPLETE) is
+        ever taken: it belongs to the layer above.
+
+        `alone(octets)`, when given, is offered what a look took, unless an
+        event came before it in this call (the caller checks that one
+        first): True when it acted on them itself (a lone fault or page)."""
+        events: list = []
         started = self.octets
-        peeked = False
-        while True:
+        looked = False
+        while not self.ended:
             event = self.decoder.next_event()
             if event is not NEED_DATA:
                 events.append(event)
-                if self.decoder.done:
-                    return events
-                if len(events) >= TAKE_RECORDS or self.octets - started >= TAKE_OCTETS:
+                self.ended = self.decoder.done or is_last_record(event)
+                full = len(events) >= TAKE_RECORDS or self.octets - started >= TAKE_OCTETS
+                if full and not looked:
                     return events
                 continue
-            if peeked:
-                return events  # what came after the look: poll() tells
+            if looked:
+                return events  # all the look took is decoded; poll() tells of more
             if self.decoder.between_records:
-                took = self.take_whole_records(alone)
+                took = self.take_whole_records(None if events else alone)
                 if took is None:
                     return events
                 if took:
-                    peeked = True
+                    looked = True
                     continue
             if not self.take_wanted():
                 return events
+        return events
 
     def take_whole_records(self, alone=None) -> int | None:
         """The small records waiting in the socket, in two calls: a look
@@ -202,8 +210,11 @@ class RecordStream:
         if not whole:
             return 0
         # The same octets again, now taken from the socket, over what the look saw
-        got = self.sock.recv_into(self.peek_buffer, whole, socket.MSG_DONTWAIT)  # seen: there
-        if got != whole:  # only this process reads the socket: cannot happen
+        try:
+            got = self.sock.recv_into(self.peek_buffer, whole, socket.MSG_DONTWAIT)  # seen: there
+        except (BlockingIOError, ConnectionResetError):
+            got = 0
+        if got != whole:  # only this process reads the socket: a reset
             raise StreamClosed(f"the stream gave {got} of the {whole} octets it showed")
         self.octets += whole
         octets = memoryview(self.peek_buffer)[:whole]
@@ -228,6 +239,10 @@ class RecordStream:
         self.octets += got
         self.decoder.feed(buf)
         return True
+
+
+def is_last_record(event) -> bool:
+    return isinstance(event, libxc.Marker) and event.type in LAST_RECORDS
 
 
 def return_decoder(pages: int) -> libxc.LibxcDecoder:
@@ -301,10 +316,11 @@ class PostcopySender:
             while self.unsent or self.outbox.pending or not self.rules.complete:
                 held = self.push_held()  # s the push must wait (its bandwidth)
                 sending = self.outbox.pending or self.requests or (self.unsent and not held)
-                poller.register(sock, select.POLLIN | (select.POLLOUT if sending else 0))
+                reading = 0 if self.incoming.ended else select.POLLIN  # nothing after COMPLETE
+                poller.register(sock, reading | (select.POLLOUT if sending else 0))
                 wait = min(held, PROGRESS_INTERVAL) if held and not sending else PROGRESS_INTERVAL
                 ready = poller.poll(wait * 1000).get(sock, 0)
-                if ready & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                if ready & (select.POLLIN | select.POLLHUP | select.POLLERR) and reading:
                     self.read_requests()
                 # Room (fewer than NOTSENT_LOWAT octets wait unsent), or pages
                 # just asked for: those go at once, without another poll.
