@@ -8,7 +8,7 @@ blocks for it and returns its value (raising on an error reply)."""
 from __future__ import annotations
 
 from protocol._gen_helper_msgs import *  # noqa: F403
-from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress, PostcopyTransition, PostcopyProgress
+from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress, PostcopyTransition, PostcopyProgress, Start
 
 
 class ToolstackStubs:
@@ -73,6 +73,10 @@ class ToolstackStubs:
         """Postcopy so far, at most every 0.2 s: the set, pages sent (save) or installed (restore), pages the guest faulted on, stream octets, and (restore) the latency of each fault served since the last message."""
         return self.channel.call(PostcopyProgress(pages, done, requested, octets, fault_us))
 
+    def start(self) -> bool:
+        """A helper started ahead of its job (--prestarted: its interpreter loads while the other host prepares) asks to begin; it touches neither the domain nor the stream before the reply. True: begin; false: exit at once, the job is off."""
+        return self.channel.call(Start())
+
 
 class AsyncToolstackStubs:
     """Calls from the helper to the toolstack."""
@@ -135,3 +139,7 @@ class AsyncToolstackStubs:
     async def postcopy_progress(self, pages: int, done: int, requested: int, octets: int, fault_us: list[int]) -> None:
         """Postcopy so far, at most every 0.2 s: the set, pages sent (save) or installed (restore), pages the guest faulted on, stream octets, and (restore) the latency of each fault served since the last message."""
         return await self.channel.call(PostcopyProgress(pages, done, requested, octets, fault_us))
+
+    async def start(self) -> bool:
+        """A helper started ahead of its job (--prestarted: its interpreter loads while the other host prepares) asks to begin; it touches neither the domain nor the stream before the reply. True: begin; false: exit at once, the job is off."""
+        return await self.channel.call(Start())

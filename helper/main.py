@@ -3,6 +3,9 @@
     ferry-save-helper --save-domain    --io-fd N --rpc-fd M --domain SOCK [--live]
     ferry-save-helper --restore-domain --io-fd N --rpc-fd M --domain SOCK
 
+With --prestarted it loads, then asks the toolstack (`start`) before it
+touches the domain or the stream: a migration starts it early.
+
 Like Xen's libxl-save-helper: fds and settings on argv, every callback to
 the toolstack through the generated stubs on the rpc fd, and a `complete`
 message as the very last word (retval 0, or an errno and a one-line reason).
@@ -63,6 +66,11 @@ def parse_args(argv):
     )
     p.add_argument(
         "--stream-offset", type=int, default=0, help="where the libxc stream starts (for errors)"
+    )
+    p.add_argument(
+        "--prestarted",
+        action="store_true",
+        help="started ahead of the job: ask the toolstack (start) before touching anything",
     )
     return p.parse_args(argv)
 
@@ -139,6 +147,8 @@ def run_job(args) -> int:
     link = ToolstackLink(args.rpc_fd)
     context = "save" if args.save_domain else "restore"
     try:
+        if args.prestarted and not link.start():
+            return 1  # the job is off: nothing was touched, nobody waits for `complete`
         zero_pages = run(args, link)
     except SaveAborted as exc:
         return fail(link, context, errno.ECANCELED, str(exc))

@@ -560,4 +560,33 @@ PostcopyProgress.SPEC = MessageSpec(
 )
 
 
-TABLE = {spec.id: spec for spec in (m.SPEC for m in (Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress, PostcopyTransition, PostcopyProgress,))}
+@dataclass(frozen=True, slots=True)
+class Start:
+    """A helper started ahead of its job (--prestarted: its interpreter loads while the other host prepares) asks to begin; it touches neither the domain nor the stream before the reply. True: begin; false: exit at once, the job is off."""
+
+    SPEC: ClassVar[MessageSpec]
+
+    def to_args(self):
+        return []
+
+    @classmethod
+    def from_args(cls, args):
+        check_list(args, "start", 0)
+        return cls(
+        )
+
+
+def _dec_Start_reply(value, where):
+    return check_bool(value, where)
+
+
+def _enc_Start_reply(value):
+    return value
+
+
+Start.SPEC = MessageSpec(
+    15, 'start', DIRECTION, 'both', True, False, Start, _dec_Start_reply, _enc_Start_reply
+)
+
+
+TABLE = {spec.id: spec for spec in (m.SPEC for m in (Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress, PostcopyTransition, PostcopyProgress, Start,))}

@@ -27,6 +27,7 @@ HELPER_SAMPLES = {
     "restore_progress": hm.RestoreProgress(1024, 4202496),
     "postcopy_transition": hm.PostcopyTransition(),
     "postcopy_progress": hm.PostcopyProgress(300, 200, 50, 1 << 20, [120, 900]),
+    "start": hm.Start(),
 }
 HELPER_REPLIES = {
     "suspend": True,
@@ -37,6 +38,7 @@ HELPER_REPLIES = {
     "static_data_done": 0,
     "precopy_policy": hm.PrecopyDecision.STOP_AND_COPY,
     "postcopy_transition": True,
+    "start": True,
 }
 WORKLOAD = rm.Workload(1000.0, 0.5, 0.2, 7)
 RUNNER_SAMPLES = {

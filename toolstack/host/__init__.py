@@ -8,7 +8,7 @@ savefile.py     `xl save` / `xl restore`
 """
 
 from .domains import Domain, Host, ToolstackError, config_from_json, config_to_json
-from .helper_job import HelperCallbacks, HelperFailed, run_helper
+from .helper_job import HelperCallbacks, HelperFailed, HelperProcess, run_helper, start_helper
 from .jobs import Job
 from .stats import JobStats
 
@@ -16,6 +16,7 @@ __all__ = [
     "Domain",
     "HelperCallbacks",
     "HelperFailed",
+    "HelperProcess",
     "Host",
     "Job",
     "JobStats",
@@ -23,4 +24,5 @@ __all__ = [
     "config_from_json",
     "config_to_json",
     "run_helper",
+    "start_helper",
 ]

@@ -8,7 +8,7 @@ pass decoded calls to `dispatch()`; it returns the reply value."""
 from __future__ import annotations
 
 from protocol._gen_helper_msgs import *  # noqa: F403
-from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress, PostcopyTransition, PostcopyProgress
+from protocol._gen_helper_msgs import Log, Progress, Suspend, Postcopy, Checkpoint, WaitCheckpoint, SwitchLogdirty, StaticDataDone, RestoreResults, Complete, PrecopyPolicy, RestoreProgress, PostcopyTransition, PostcopyProgress, Start
 
 
 class ToolstackHandlers:
@@ -70,6 +70,10 @@ class ToolstackHandlers:
         """Postcopy so far, at most every 0.2 s: the set, pages sent (save) or installed (restore), pages the guest faulted on, stream octets, and (restore) the latency of each fault served since the last message."""
         raise NotImplementedError("postcopy_progress")
 
+    async def on_start(self) -> bool:
+        """A helper started ahead of its job (--prestarted: its interpreter loads while the other host prepares) asks to begin; it touches neither the domain nor the stream before the reply. True: begin; false: exit at once, the job is off."""
+        raise NotImplementedError("start")
+
     async def dispatch(self, message):
         return await self._ROUTES[type(message)](self, message)
 
@@ -88,4 +92,5 @@ class ToolstackHandlers:
         RestoreProgress: lambda h, m: h.on_restore_progress(m.pages, m.octets),
         PostcopyTransition: lambda h, m: h.on_postcopy_transition(),
         PostcopyProgress: lambda h, m: h.on_postcopy_progress(m.pages, m.done, m.requested, m.octets, m.fault_us),
+        Start: lambda h, m: h.on_start(),
     }

@@ -113,6 +113,9 @@ class HelperCallbacks(ToolstackHandlers):
     async def on_postcopy_progress(self, pages, done, requested, octets, fault_us) -> None:
         self.stats.record_postcopy(pages, done, requested, octets, fault_us)
 
+    async def on_start(self) -> bool:
+        return True  # a helper started early is served once its job may begin
+
     async def on_checkpoint(self) -> int:
         return 0  # no checkpointed (Remus/COLO) streams: stop after the first
 
@@ -171,27 +174,87 @@ class HelperCallbacks(ToolstackHandlers):
         return decision
 
 
-async def run_helper(
+class HelperProcess:
+    """A helper exec'd for one job; `serve` answers its calls until it completes.
+
+    Started with `prestarted`, it loads its interpreter and modules (about
+    0.2 s here) and then waits, touching neither the domain nor the stream,
+    until `serve` answers its first call (`start`): a migration starts it
+    while the other host creates the domain, off the critical path."""
+
+    def __init__(self, mode: str, proc, ours: socket.socket) -> None:
+        self.mode, self.proc, self.ours = mode, proc, ours
+        self.served = False
+
+    async def serve(self, callbacks: HelperCallbacks, silence_timeout: float | None = None) -> None:
+        """Run the helper to completion; HelperFailed (one line) if it did not
+        succeed.  One that says nothing for `silence_timeout` s
+        (DEADLINES.helper) is hung."""
+        if silence_timeout is None:
+            silence_timeout = DEADLINES.helper
+        mode, proc = self.mode, self.proc
+        self.served = True
+        callbacks.process = proc
+        channel = AsyncChannel(
+            trio.SocketStream(trio.socket.from_stdlib_socket(self.ours)),
+            msgs.TABLE,
+            sends=None,
+            receives=msgs.DIRECTION,
+            sock=self.ours,
+        )
+        try:
+            await _serve(channel, callbacks, silence_timeout, mode)
+        except _HelperDied:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await proc.wait()
+            _kill(proc)
+            status = describe_exit(proc.returncode)
+            raise HelperFailed(f"{mode} helper died before completing ({status})") from None
+        except BaseException:
+            _kill(proc)
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(10):
+                    await proc.wait()
+                _kill(proc)
+                await proc.wait()
+                await channel.aclose()
+        retval, errnoval, message = callbacks.completed
+        if retval != 0:
+            raise HelperFailed(
+                callbacks.abort_reason or message or f"{mode} helper failed (errno {errnoval})"
+            )
+
+    async def discard(self) -> None:
+        """A helper started early whose job ended before it was served: gone,
+        and reaped.  (Served, it is reaped already: nothing to do.)"""
+        if self.served:
+            return
+        self.served = True
+        with trio.CancelScope(shield=True):
+            self.ours.close()  # its watchdog sees the toolstack leave
+            _kill(self.proc)
+            await self.proc.wait()
+
+
+async def start_helper(
     mode: str,
     io_fd: int,
-    domain: Domain,
-    callbacks: HelperCallbacks,
+    control_path: str,
     live: bool = False,
-    silence_timeout: float | None = None,
     command: list[str] | None = None,
     stream_offset: int = 0,
     postcopy: bool = False,
     resume: bool = False,
     postcopy_bandwidth: float = 0.0,
     extra_fds: tuple[int, ...] = (),
-) -> None:
-    """Run a helper to completion; HelperFailed (one line) if it did not succeed.
-    A helper that says nothing for `silence_timeout` s (DEADLINES.helper) is hung."""
-    if silence_timeout is None:
-        silence_timeout = DEADLINES.helper
+    prestarted: bool = False,
+) -> HelperProcess:
+    """Exec the helper for one job (see HelperProcess; `run_helper` also serves it)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     cmd = [*(command or helper_command()), f"--{mode}-domain", "--io-fd", str(io_fd)]
-    cmd += ["--rpc-fd", str(theirs.fileno()), "--domain", domain.control_path]
+    cmd += ["--rpc-fd", str(theirs.fileno()), "--domain", control_path]
     if live:
         cmd.append("--live")
     if postcopy:
@@ -204,41 +267,30 @@ async def run_helper(
         cmd += ["--extra-fd", str(fd)]  # the migration's extra connections
     if stream_offset:
         cmd += ["--stream-offset", str(stream_offset)]
+    if prestarted:
+        cmd.append("--prestarted")  # it asks `start` before it begins
     try:
         proc = await trio.lowlevel.open_process(cmd, pass_fds=(io_fd, theirs.fileno(), *extra_fds))
-    finally:
-        theirs.close()
-    callbacks.process = proc
-    channel = AsyncChannel(
-        trio.SocketStream(trio.socket.from_stdlib_socket(ours)),
-        msgs.TABLE,
-        sends=None,
-        receives=msgs.DIRECTION,
-        sock=ours,
-    )
-    try:
-        await _serve(channel, callbacks, silence_timeout, mode)
-    except _HelperDied:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await proc.wait()
-        _kill(proc)
-        status = describe_exit(proc.returncode)
-        raise HelperFailed(f"{mode} helper died before completing ({status})") from None
     except BaseException:
-        _kill(proc)
+        ours.close()
         raise
     finally:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(10):
-                await proc.wait()
-            _kill(proc)
-            await proc.wait()
-            await channel.aclose()
-    retval, errnoval, message = callbacks.completed
-    if retval != 0:
-        raise HelperFailed(
-            callbacks.abort_reason or message or f"{mode} helper failed (errno {errnoval})"
-        )
+        theirs.close()
+    return HelperProcess(mode, proc, ours)
+
+
+async def run_helper(
+    mode: str,
+    io_fd: int,
+    domain: Domain,
+    callbacks: HelperCallbacks,
+    silence_timeout: float | None = None,
+    **options,
+) -> None:
+    """Exec the helper and run it to completion (`start_helper`'s options);
+    HelperFailed (one line) if it did not succeed."""
+    helper = await start_helper(mode, io_fd, domain.control_path, **options)
+    await helper.serve(callbacks, silence_timeout)
 
 
 async def _serve(channel: AsyncChannel, callbacks: HelperCallbacks, timeout: float, mode: str):

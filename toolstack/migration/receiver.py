@@ -24,7 +24,7 @@ from protocol import NEED_DATA, RemoteProtocolError, auth, libxl
 from protocol import _gen_migration_msgs as msgs
 from protocol.handshake import RECEIVER, VERSION
 
-from ..host import HelperCallbacks, Job, JobStats, ToolstackError, faults, run_helper
+from ..host import HelperCallbacks, Job, JobStats, ToolstackError, faults, run_helper, start_helper
 from ..host.deadlines import DEADLINES
 from ..host.domains import INCONSISTENT
 from ..host.jobs import PostcopyAborted
@@ -197,6 +197,7 @@ async def _build(site: Site, job: Job, link: MigrationLink, request) -> None:
 
 async def _receive_stream(site: Site, job: Job, link: MigrationLink, request, record, joining):
     config, stats, host = request.config, job.stats, site.host
+    helper = await start_restore_helper(site, job, link, request)  # loads while the runner starts
     domain = await host.create(config, incoming=True)
     job.own(domain)
     job.on_failure(f"destroy the half-built {config.name}", lambda: host.destroy(domain))
@@ -209,14 +210,17 @@ async def _receive_stream(site: Site, job: Job, link: MigrationLink, request, re
     callbacks = HelperCallbacks(domain, stats)
     switch = callbacks.run_guest_postcopy = RunGuest(site, job, domain, link, record)
     try:
-        await run_helper(
-            "restore",
-            link.fileno,
-            domain,
-            callbacks,
-            stream_offset=LIBXL_PREFIX,
-            extra_fds=tuple(extra.fileno for extra in extras),
-        )
+        if helper is not None:
+            await helper.serve(callbacks)
+        else:
+            await run_helper(
+                "restore",
+                link.fileno,
+                domain,
+                callbacks,
+                stream_offset=LIBXL_PREFIX,
+                extra_fds=tuple(extra.fileno for extra in extras),
+            )
     except ToolstackError as exc:
         if not switch.done:
             raise
@@ -239,6 +243,23 @@ async def _receive_stream(site: Site, job: Job, link: MigrationLink, request, re
     await run_guest(site, job, domain, link, record)
     stats.finish("completed")
     log.info("incoming migration of %s complete: the guest runs here", domain.name)
+
+
+async def start_restore_helper(site: Site, job: Job, link: MigrationLink, request):
+    """The restore helper, exec'd while the domain's runner starts (both load
+    their interpreters at once); served once the stream comes, or discarded
+    if the job fails first.  None with extra connections (not joined yet)."""
+    if request.connections > 1:
+        return None
+    helper = await start_helper(
+        "restore",
+        link.fileno,
+        site.host.path(request.config.name, "sock"),
+        stream_offset=LIBXL_PREFIX,
+        prestarted=True,
+    )
+    job.on_failure("stop the restore helper started early", helper.discard)
+    return helper
 
 
 async def run_guest(site: Site, job: Job, domain, link: MigrationLink, record=None) -> None:

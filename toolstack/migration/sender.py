@@ -28,7 +28,16 @@ from protocol import _gen_migration_msgs as msgs
 from protocol import auth, libxl
 from protocol.handshake import SENDER, VERSION
 
-from ..host import Domain, HelperCallbacks, Job, ToolstackError, faults, run_helper
+from ..host import (
+    Domain,
+    HelperCallbacks,
+    HelperProcess,
+    Job,
+    ToolstackError,
+    faults,
+    run_helper,
+    start_helper,
+)
 from ..host.deadlines import DEADLINES
 from ..host.domains import INCONSISTENT, inconsistent_hold
 from ..host.jobs import PostcopyAborted
@@ -155,6 +164,7 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
         postcopy=job.postcopy_allowed,
         connections=job.connections,
     )
+    helper = await start_save_helper(job, domain, link)  # loads while the destination builds
     try:
         await link.call(request, DEADLINES.handshake, "an answer to the migrate request")
     except PeerRefused as exc:
@@ -167,7 +177,7 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
     callbacks.postcopy_after_precopy = job.postcopy_after_precopy
     switch = callbacks.switch_to_postcopy = Switch(site, job, domain, link, record)
     try:
-        await send_stream(link, domain, callbacks, job, switch, extras)
+        await send_stream(link, domain, callbacks, job, switch, extras, helper)
     except ToolstackError as exc:
         if not switch.done:
             raise
@@ -351,23 +361,47 @@ async def wait_until_running(site, job, domain, link, record) -> None:
         ) from None
 
 
+async def start_save_helper(job: Job, domain: Domain, link: MigrationLink) -> HelperProcess | None:
+    """The save helper, exec'd before the destination has built its domain
+    (its interpreter loads meanwhile: ~0.2 s off every migration); served
+    by `send_stream`, or discarded if the job fails first.  None with extra
+    connections: their fds exist only once the destination accepted."""
+    if job.connections > 1:
+        return None
+    helper = await start_helper(
+        "save",
+        link.fileno,
+        domain.control_path,
+        live=True,
+        postcopy=job.postcopy_allowed,
+        postcopy_bandwidth=job.postcopy_bandwidth,
+        prestarted=True,
+    )
+    job.on_failure("stop the save helper started early", helper.discard)
+    return helper
+
+
 async def send_stream(
-    link: MigrationLink, domain: Domain, callbacks, job: Job, switch, extras
+    link: MigrationLink, domain: Domain, callbacks, job: Job, switch, extras, helper=None
 ) -> None:
-    """The libxl stream around the save helper's libxc stream."""
+    """The libxl stream around the save helper's libxc stream (`helper`:
+    one started early, else one is started now)."""
     await link.send_call(msgs.Stream())
     await link.send_raw(libxl.encode_header() + libxl.encode_libxc_context())
     try:
-        await run_helper(
-            "save",
-            link.fileno,
-            domain,
-            callbacks,
-            live=True,
-            postcopy=job.postcopy_allowed,
-            postcopy_bandwidth=job.postcopy_bandwidth,
-            extra_fds=tuple(extra.fileno for extra in extras),
-        )
+        if helper is not None:
+            await helper.serve(callbacks)
+        else:
+            await run_helper(
+                "save",
+                link.fileno,
+                domain,
+                callbacks,
+                live=True,
+                postcopy=job.postcopy_allowed,
+                postcopy_bandwidth=job.postcopy_bandwidth,
+                extra_fds=tuple(extra.fileno for extra in extras),
+            )
     except ToolstackError as exc:
         if callbacks.abort_reason or switch.done:
             raise  # our own policy ended it, or postcopy lost its link: nothing to ask
