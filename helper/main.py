@@ -146,9 +146,9 @@ def run_job(args) -> int:
     yield_to_the_toolstack()
     link = ToolstackLink(args.rpc_fd)
     context = "save" if args.save_domain else "restore"
+    if args.prestarted and not may_start(link):
+        return 1  # the job is off: nothing was touched, nobody waits for `complete`
     try:
-        if args.prestarted and not link.start():
-            return 1  # the job is off: nothing was touched, nobody waits for `complete`
         zero_pages = run(args, link)
     except SaveAborted as exc:
         return fail(link, context, errno.ECANCELED, str(exc))
@@ -179,6 +179,15 @@ def run_job(args) -> int:
     return 0
 
 
+def may_start(link: ToolstackLink) -> bool:
+    """A prestarted helper's `start`: False when ferryd says no, or went away
+    meanwhile (its job failed first; the watchdog may be ending us too)."""
+    try:
+        return link.start()
+    except (RpcError, OSError, ProtocolError):
+        return False
+
+
 def peak_rss() -> int:
     """This process's peak resident set in octets: VmHWM, the high-water
     mark of its own memory.  Not getrusage's ru_maxrss, which carries over
@@ -197,8 +206,8 @@ def fail(link: ToolstackLink, context: str, errnoval: int, message: str) -> int:
     try:
         link.say(LOG_ERROR, context, message, errnoval)
         link.complete(-1, errnoval, message, peak_rss(), 0)
-    except (RpcError, OSError):
-        pass  # the toolstack is gone: nobody left to tell
+    except (RpcError, OSError, ProtocolError):
+        pass  # the toolstack is gone (or the link was mid-call): nobody left to tell
     return 1
 
 

@@ -190,6 +190,8 @@ class HelperProcess:
         """Run the helper to completion; HelperFailed (one line) if it did not
         succeed.  One that says nothing for `silence_timeout` s
         (DEADLINES.helper) is hung."""
+        if self.served:
+            raise RuntimeError(f"{self.mode} helper served twice, or after discard")
         if silence_timeout is None:
             silence_timeout = DEADLINES.helper
         mode, proc = self.mode, self.proc

@@ -251,6 +251,7 @@ async def start_restore_helper(site: Site, job: Job, link: MigrationLink, reques
     if the job fails first.  None with extra connections (not joined yet)."""
     if request.connections > 1:
         return None
+    site.host.admit(request.config)  # a request refused anyway costs no exec
     helper = await start_helper(
         "restore",
         link.fileno,
