@@ -11,6 +11,10 @@ Python like ferry itself, measured in the same run:
                     two processes; optionally with the pinging side busy
                     for a while before each (as a helper writing a batch),
                     so the other side has gone to sleep when it is pinged
+    memory_fill     as many bytes written into fresh memory of the kind a
+                    destination fills: a memfd (ferry's guest RAM, shmem)
+                    or anonymous memory advised MADV_HUGEPAGE (QEMU's
+                    memory-backend-ram): no network, no stream
 
 The far ends run in their own processes (`python -m bench.baselines ...`),
 as ferry's helpers do.
@@ -107,6 +111,47 @@ def raw_read(path: str) -> float:
     view.release()
     into.close()
     return size / 1e6 / elapsed
+
+
+def memory_fill(total: int, kind: str) -> float:
+    """MB/s of writing `total` octets, CHUNK at a time, into fresh memory of
+    `kind` ("memfd" by pwrite, as a restore writes; "anonymous", advised
+    MADV_HUGEPAGE, by copying into the mapping, as QEMU's destination
+    receives into its RAM)."""
+    pattern = memoryview(b"\x5a" * CHUNK)
+    if kind == "memfd":
+        fd = os.memfd_create("ferry-bench-fill", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, total)
+            started = time.perf_counter()
+            for offset in range(0, total, CHUNK):
+                os.pwrite(fd, pattern[: total - offset], offset)
+            return total / 1e6 / (time.perf_counter() - started)
+        finally:
+            os.close(fd)
+    region = mmap.mmap(-1, total)
+    view = memoryview(region)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+        started = time.perf_counter()
+        for offset in range(0, total, CHUNK):
+            end = min(offset + CHUNK, total)
+            view[offset:end] = pattern[: end - offset]
+        return total / 1e6 / (time.perf_counter() - started)
+    finally:
+        view.release()
+        region.close()
+
+
+def huge_pages(setting: str) -> str:
+    """The host's transparent huge page `setting` ("enabled": anonymous
+    memory; "shmem_enabled": memfds), e.g. "madvise" or "never"."""
+    try:
+        with open(f"/sys/kernel/mm/transparent_hugepage/{setting}") as f:
+            chosen = [word for word in f.read().split() if word.startswith("[")]
+    except OSError:
+        return "unknown"
+    return chosen[0].strip("[]") if chosen else "unknown"
 
 
 def raw_ping_pong(count: int, size: int = 64, busy_us: float = 0.0) -> dict:

@@ -18,7 +18,9 @@ Eight measurements, each next to its baseline from the same run:
                 guest RAM, downtime)                        vs  QEMU migrating
                 as much random RAM between two local QEMUs, one connection
                 and multifd on 2 channels (bench/qemu_peer.py); skipped
-                where qemu-system-x86_64 is not installed
+                where qemu-system-x86_64 is not installed; and filling as
+                much fresh memory alone, memfd (ferry) and anonymous (QEMU):
+                the floor under each destination
     postcopy    a guest dirtying 100,000 pages/s switches to postcopy: downtime,
                 fault latency with the push running and on an idle link,
                 the time to resume a cut link   vs  the same guest by precopy
@@ -283,7 +285,29 @@ def bench_peers(hosts, memory: int, rounds: int) -> dict:
         ram_file = qemu_peer.random_ram_file(hosts.root, memory)
         return peers_migration(hosts, f"peer{next(names)}", memory, ram_file)
 
-    return qemu_peer.peers_section(memory, rounds, hosts.root, ferry_round)
+    section = qemu_peer.peers_section(memory, rounds, hosts.root, ferry_round)
+    section["destination_memory"] = destination_memory(memory, rounds)
+    return section
+
+
+def destination_memory(memory: int, rounds: int) -> dict:
+    """What filling as much fresh memory costs each design here, alone (best
+    of `rounds`): ferry's destination writes guest RAM into a memfd (shmem),
+    QEMU's receives into anonymous memory.  A migration cannot be faster
+    than its destination's memory fills."""
+    fills = {kind: [] for kind in ("memfd", "anonymous")}
+    for _ in range(rounds):
+        for kind, samples in fills.items():
+            samples.append(round(baselines.memory_fill(memory, kind), 1))
+    return {
+        "bytes": memory,
+        "huge_pages": baselines.huge_pages("enabled"),
+        "shmem_huge_pages": baselines.huge_pages("shmem_enabled"),
+        "memfd_mb_s": max(fills["memfd"]),
+        "anonymous_mb_s": max(fills["anonymous"]),
+        "memfd_samples_mb_s": fills["memfd"],
+        "anonymous_samples_mb_s": fills["anonymous"],
+    }
 
 
 def check_targets(report: dict) -> list[dict]:
