@@ -274,11 +274,40 @@ def test_converge_gives_up_and_falls_back_to_postcopy(pair, backend):
     assert_moved(a, b, report)
 
 
-def test_a_fallback_to_postcopy_not_allowed_aborts_and_the_source_runs_on(pair):
+def test_a_fallback_to_postcopy_without_postcopy_is_refused_before_anything_moves(pair):
     a, b = pair
     create(a, memory=32 * MiB, rate=40_000)
     flags = ["--fallback", "postcopy", "--downtime-limit", "0.001", "--max-iterations", "1"]
     r = ferry(a, "migrate", "vm1", b.address, *flags, check=False)
+    assert r.returncode == 1 and "fallback postcopy needs" in one_line(r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1
+    before = writes(a)
+    time.sleep(0.25)
+    assert listed(a) == {"vm1": "running"} and writes(a) > before
+    assert listed(b) == {}  # nothing was ever sent
+    assert a.call("info", name="vm1").job is None
+
+
+def test_a_policy_that_answers_postcopy_unasked_aborts_and_the_source_runs_on(pair):
+    """A job-control change to fallback postcopy mid-migration is the policy's
+    answer, not the migration's permission: the job aborts, the guest stays."""
+    a, b = pair
+    create(a, memory=32 * MiB, rate=40_000)
+    result = {}
+    flags = ["--downtime-limit", "0.001", "--max-iterations", "100000"]
+    thread = threading.Thread(
+        target=lambda: result.update(r=ferry(a, "migrate", "vm1", b.address, *flags, check=False))
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while ferry(a, "job-control", "vm1", "set", "fallback=postcopy", check=False).returncode:
+            assert time.monotonic() < deadline, "the job never became steerable"
+            time.sleep(0.05)
+        ferry(a, "job-control", "vm1", "set", "max_iterations=1", check=False)
+    finally:
+        thread.join(60)
+    r = result["r"]
     assert r.returncode == 1 and "not started with --postcopy" in one_line(r.stderr)
     before = writes(a)
     time.sleep(0.25)

@@ -197,6 +197,12 @@ class ControlSession(DaemonHandlers):
             )
         domain = self._idle_domain(name)
         steer = self.daemon.policies.make(policy, settings)  # a bad setting fails here, early
+        if not postcopy and "fallback" in steer.SETTINGS and steer.fallback == "postcopy":
+            # refused now rather than after max_iterations of precopy
+            raise ToolstackError(
+                "fallback postcopy needs a migration that may switch to postcopy (migrate "
+                "--postcopy); without it, choose --fallback stop-and-copy or abort"
+            )
         job = Job(JobStats("migrate", name, domain.config.memory_bytes), steer)
         job.own(domain)  # claimed before anything else can run: no second job gets it
         job.postcopy_allowed = postcopy
