@@ -414,37 +414,32 @@ class LibxcDecoder:
         which `feed` then takes (and refuses with the rule it breaks): only a
         record that passes every check comes here.  Once the caller has
         acted on it, `took(data)` moves the stream past it."""
-        if len(data) != ONE_FAULT_OCTETS or not self.between_records:
-            return None
-        rtype, length, count, reserved, pfn = ONE_RECORD.unpack_from(data)
-        if (
-            rtype != REC_POSTCOPY_FAULT
-            or length != ONE_FAULT_OCTETS - 8
-            or count != 1
-            or reserved
-            or pfn >= self.max_pfns
-        ):
-            return None
-        return pfn
+        pfn = self._one_entry_record(data, REC_POSTCOPY_FAULT, ONE_FAULT_OCTETS)
+        return pfn if pfn is not None and pfn < self.max_pfns else None
 
     def one_page(self, data) -> int | None:
         """The pfn when `data` is exactly one POSTCOPY_PAGE_DATA record of one
         page with its data (data[ONE_RECORD.size:]), inside the domain, read
         between records; None for anything else (see `one_fault`)."""
-        if len(data) != ONE_PAGE_OCTETS or not self.between_records:
-            return None
-        rtype, length, count, reserved, entry = ONE_RECORD.unpack_from(data)
+        entry = self._one_entry_record(data, REC_POSTCOPY_PAGE_DATA, ONE_PAGE_OCTETS)
         if (
-            rtype != REC_POSTCOPY_PAGE_DATA
-            or length != ONE_PAGE_OCTETS - 8
-            or count != 1
-            or reserved
+            entry is None
             or entry & PFN_RESERVED_MASK
             or (entry >> TYPE_SHIFT) not in _DATA_TYPES
             or (entry & PFN_MASK) >= self.max_pfns
         ):
             return None
         return entry & PFN_MASK
+
+    def _one_entry_record(self, data, rtype: int, octets: int) -> int | None:
+        """The entry of a whole `rtype` record of `octets` listing one entry,
+        read between records (header, count and reserved field checked)."""
+        if len(data) != octets or not self.between_records:
+            return None
+        found, length, count, reserved, entry = ONE_RECORD.unpack_from(data)
+        if found != rtype or length != octets - 8 or count != 1 or reserved:
+            return None
+        return entry
 
     def took(self, data) -> None:
         """`data`, a record `one_fault` or `one_page` accepted, was acted on."""

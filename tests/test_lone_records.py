@@ -51,49 +51,36 @@ def test_the_one_record_encoders_write_the_specs_layout():
     assert general(ANSWER).pfns.tolist() == [9]
 
 
-def flip(record: bytes, at: int, value: int) -> bytes:
-    out = bytearray(record)
-    out[at] = value
-    return bytes(out)
-
-
-# Each octet of a lone record's first 24 changed to each of a few values:
-# whatever the short cut takes, the general decoder takes with the same pfn.
-MUTATIONS = [(at, value) for at in range(libxc.ONE_RECORD.size) for value in (0, 1, 0x40, 0xFF)]
-
-
-@pytest.mark.parametrize(("at", "value"), MUTATIONS)
-def test_a_lone_fault_is_taken_only_as_the_decoder_takes_it(at, value):
-    record = flip(FAULT, at, value)
+def assert_taken_exactly_as_the_decoder_takes(record: bytes) -> None:
+    """The short cut takes `record` if and only if the general path takes
+    it as a lone fault, or a lone page with its data; with the same pfn."""
     decoder = libxc.LibxcDecoder(max_pfns=PAGES_IN_DOMAIN, records_only=True)
-    pfn = decoder.one_fault(record)
+    is_fault = len(record) == libxc.ONE_FAULT_OCTETS
+    pfn = decoder.one_fault(record) if is_fault else decoder.one_page(record)
     verdict = general(record)
-    if pfn is not None:
-        assert isinstance(verdict, libxc.PfnList) and verdict.fault
+    if is_fault:
+        lone = isinstance(verdict, libxc.PfnList) and verdict.fault
+    else:
+        lone = isinstance(verdict, libxc.PageData) and verdict.postcopy
+        lone = lone and not libxc.HAS_NO_DATA[verdict.types[0]]
+    assert (pfn is not None) == lone
+    if lone:
         assert verdict.pfns.tolist() == [pfn]
-    else:  # left to the general path: a record it refuses, or not a lone fault
-        assert not (isinstance(verdict, libxc.PfnList) and verdict.fault and len(record) == 24)
-
-
-@pytest.mark.parametrize(("at", "value"), MUTATIONS)
-def test_a_lone_page_is_taken_only_as_the_decoder_takes_it(at, value):
-    record = flip(ANSWER, at, value)
-    decoder = libxc.LibxcDecoder(max_pfns=PAGES_IN_DOMAIN, records_only=True)
-    pfn = decoder.one_page(record)
-    verdict = general(record)
-    if pfn is not None:
-        assert isinstance(verdict, libxc.PageData) and verdict.postcopy
-        assert verdict.pfns.tolist() == [pfn]
-        assert bytes(verdict.data) == record[libxc.ONE_RECORD.size :]
-    elif isinstance(verdict, libxc.PageData):  # every lone page with data is taken
-        assert not verdict.postcopy or libxc.HAS_NO_DATA[verdict.types[0]]
 
 
 def mutated(record: bytes, changes: list[tuple[int, int]]) -> bytes:
     out = bytearray(record)
     for at, value in changes:
-        out[at % libxc.ONE_RECORD.size] = value
+        out[at] = value
     return bytes(out)
+
+
+# Each octet of a lone record's first 24 set to each of a few values
+@pytest.mark.parametrize("record", [FAULT, ANSWER], ids=["fault", "page"])
+@pytest.mark.parametrize("at", range(libxc.ONE_RECORD.size))
+@pytest.mark.parametrize("value", [0, 1, 0x40, 0xFF])
+def test_a_lone_record_changed_in_one_octet_is_taken_as_the_decoder_takes_it(record, at, value):
+    assert_taken_exactly_as_the_decoder_takes(mutated(record, [(at, value)]))
 
 
 CHANGES = st.lists(st.tuples(st.integers(0, 23), st.integers(0, 255)), max_size=3)
@@ -102,20 +89,7 @@ CHANGES = st.lists(st.tuples(st.integers(0, 23), st.integers(0, 255)), max_size=
 @settings(max_examples=400, deadline=None)
 @given(st.sampled_from([FAULT, ANSWER]), CHANGES)
 def test_mutated_lone_records_are_taken_exactly_when_the_decoder_takes_them(record, changes):
-    record = mutated(record, changes)
-    decoder = libxc.LibxcDecoder(max_pfns=PAGES_IN_DOMAIN, records_only=True)
-    short_cut = decoder.one_fault if len(record) == libxc.ONE_FAULT_OCTETS else decoder.one_page
-    pfn = short_cut(record)
-    verdict = general(record)
-    kind = libxc.PfnList if short_cut == decoder.one_fault else libxc.PageData
-    lone = (
-        isinstance(verdict, kind)
-        and (verdict.fault if kind is libxc.PfnList else verdict.postcopy)
-        and (kind is libxc.PfnList or not libxc.HAS_NO_DATA[verdict.types[0]])
-    )
-    assert (pfn is not None) == lone  # taken if and only if the general path takes it
-    if lone:
-        assert verdict.pfns.tolist() == [pfn]
+    assert_taken_exactly_as_the_decoder_takes(mutated(record, changes))
 
 
 def test_a_pfn_outside_the_domain_is_left_to_the_decoder_which_names_it():
