@@ -362,9 +362,9 @@ async def wait_until_running(site, job, domain, link, record) -> None:
 
 
 async def start_save_helper(job: Job, domain: Domain, link: MigrationLink) -> HelperProcess | None:
-    """The save helper, exec'd before the destination has built its domain
-    (its interpreter loads meanwhile: ~0.2 s off every migration); served
-    by `send_stream`, or discarded if the job fails first.  None with extra
+    """The save helper, exec'd before the destination has built its domain:
+    its interpreter (~0.2 s to load here) loads meanwhile.  Served by
+    `send_stream`, or discarded if the job fails first.  None with extra
     connections: their fds exist only once the destination accepted."""
     if job.connections > 1:
         return None
