@@ -35,9 +35,12 @@ PAGE = 4096
 CHUNK = 1024 * PAGE  # one sendmsg: as many pages as one ferry batch
 
 
-def filled_mmap(size: int) -> mmap.mmap:
-    """An anonymous mapping with every page written, like a guest's used RAM."""
+def filled_mmap(size: int, huge: bool = False) -> mmap.mmap:
+    """An anonymous mapping with every page written, like a guest's used RAM
+    (`huge`: advised MADV_HUGEPAGE first, as QEMU advises its RAM)."""
     region = mmap.mmap(-1, size)
+    if huge:
+        region.madvise(mmap.MADV_HUGEPAGE)
     pattern = b"\x5a" * CHUNK
     for offset in range(0, size, CHUNK):
         region[offset : offset + min(CHUNK, size - offset)] = pattern[: size - offset]
@@ -118,29 +121,23 @@ def memory_fill(total: int, kind: str) -> float:
     `kind` ("memfd" by pwrite, as a restore writes; "anonymous", advised
     MADV_HUGEPAGE, by copying into the mapping, as QEMU's destination
     receives into its RAM)."""
-    pattern = memoryview(b"\x5a" * CHUNK)
     if kind == "memfd":
+        pattern = memoryview(b"\x5a" * CHUNK)
         fd = os.memfd_create("ferry-bench-fill", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, total)
             started = time.perf_counter()
             for offset in range(0, total, CHUNK):
                 os.pwrite(fd, pattern[: total - offset], offset)
-            return total / 1e6 / (time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
         finally:
             os.close(fd)
-    region = mmap.mmap(-1, total)
-    view = memoryview(region)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)
+    else:
         started = time.perf_counter()
-        for offset in range(0, total, CHUNK):
-            end = min(offset + CHUNK, total)
-            view[offset:end] = pattern[: end - offset]
-        return total / 1e6 / (time.perf_counter() - started)
-    finally:
-        view.release()
+        region = filled_mmap(total, huge=True)
+        elapsed = time.perf_counter() - started
         region.close()
+    return total / 1e6 / elapsed
 
 
 def huge_pages(setting: str) -> str:

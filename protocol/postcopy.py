@@ -34,8 +34,6 @@ is refused while it is read, before it outgrows the domain (`PfnListing`).
 
 from __future__ import annotations
 
-from bisect import bisect_left
-
 import numpy as np
 
 from . import libxc
@@ -222,13 +220,11 @@ class ForwardRules:
         return index
 
     def _one_page(self, pfn: int, offset: int) -> np.ndarray:
-        i = position(self.pfns, pfn)
-        if i is None:
-            raise RemoteProtocolError(f"pfn {pfn:#x} was not announced for postcopy", offset)
-        if self.sent[i]:
+        i = self.one_page(pfn)
+        if i is None:  # the state was checked: not in the set, or there already
+            if position(self.pfn_at, pfn) is None:
+                raise RemoteProtocolError(f"pfn {pfn:#x} was not announced for postcopy", offset)
             raise RemoteProtocolError(f"postcopy pfn {pfn:#x} sent twice", offset)
-        self.sent[i] = True
-        self.sent_count += 1
         return np.array([i])
 
     def one_page(self, pfn: int) -> int | None:
@@ -238,8 +234,8 @@ class ForwardRules:
         rule it breaks."""
         if self.state != PAGES:
             return None
-        i = bisect_left(self.pfn_at, pfn)
-        if i == len(self.pfn_at) or self.pfn_at[i] != pfn or self.sent_at[i]:
+        i = position(self.pfn_at, pfn)
+        if i is None or self.sent_at[i]:
             return None
         self.sent_at[i] = True
         self.sent_count += 1

@@ -158,11 +158,12 @@ def test_a_valid_postcopy_stream_is_accepted_and_every_page_arrives_once():
     assert rules.state == ENDED
 
 
-def test_a_pfn_is_found_in_the_set_or_not_at_all():
-    pfns = np.array([4, 5, 9, 2**40], np.uint64)
-    found = [position(pfns, p) for p in (4, 9, 2**40, 0, 6, 2**41)]
-    assert found == [0, 2, 3, None, None, None]
-    assert position(np.empty(0, np.uint64), 3) is None
+@pytest.mark.parametrize("seen_as", [np.asarray, memoryview], ids=["array", "memoryview"])
+def test_a_pfn_is_found_in_the_set_or_not_at_all(seen_as):
+    pfns = seen_as(np.array([4, 5, 9, 2**40], np.uint64))
+    found = [position(pfns, p) for p in (4, 9, 2**40, 0, 6, 2**41, 2**64 - 1)]
+    assert found == [0, 2, 3, None, None, None, None]
+    assert position(seen_as(np.empty(0, np.uint64)), 3) is None
 
 
 def test_an_empty_postcopy_set_is_a_valid_stream():

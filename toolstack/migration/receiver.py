@@ -197,7 +197,10 @@ async def _build(site: Site, job: Job, link: MigrationLink, request) -> None:
 
 async def _receive_stream(site: Site, job: Job, link: MigrationLink, request, record, joining):
     config, stats, host = request.config, job.stats, site.host
-    helper = await start_restore_helper(site, job, link, request)  # loads while the runner starts
+    helper = None
+    if request.connections == 1:  # the helper loads while the runner starts
+        host.admit(config)  # a request refused anyway costs no exec
+        helper = await start_restore_helper(site, job, link, config)
     domain = await host.create(config, incoming=True)
     job.own(domain)
     job.on_failure(f"destroy the half-built {config.name}", lambda: host.destroy(domain))
@@ -210,17 +213,8 @@ async def _receive_stream(site: Site, job: Job, link: MigrationLink, request, re
     callbacks = HelperCallbacks(domain, stats)
     switch = callbacks.run_guest_postcopy = RunGuest(site, job, domain, link, record)
     try:
-        if helper is not None:
-            await helper.serve(callbacks)
-        else:
-            await run_helper(
-                "restore",
-                link.fileno,
-                domain,
-                callbacks,
-                stream_offset=LIBXL_PREFIX,
-                extra_fds=tuple(extra.fileno for extra in extras),
-            )
+        helper = helper or await start_restore_helper(site, job, link, config, extras)
+        await helper.serve(callbacks)
     except ToolstackError as exc:
         if not switch.done:
             raise
@@ -245,21 +239,20 @@ async def _receive_stream(site: Site, job: Job, link: MigrationLink, request, re
     log.info("incoming migration of %s complete: the guest runs here", domain.name)
 
 
-async def start_restore_helper(site: Site, job: Job, link: MigrationLink, request):
-    """The restore helper, exec'd while the domain's runner starts (both load
-    their interpreters at once); served once the stream comes, or discarded
-    if the job fails first.  None with extra connections (not joined yet)."""
-    if request.connections > 1:
-        return None
-    site.host.admit(request.config)  # a request refused anyway costs no exec
+async def start_restore_helper(site: Site, job: Job, link: MigrationLink, config, extras=()):
+    """The restore helper, exec'd --prestarted: served once the stream comes,
+    or discarded if the job fails first.  On one connection it starts while
+    the domain's runner starts (both interpreters load at once); on more,
+    once the `extras` joined (their fds go on its argv)."""
     helper = await start_helper(
         "restore",
         link.fileno,
-        site.host.path(request.config.name, "sock"),
+        site.host.path(config.name, "sock"),
         stream_offset=LIBXL_PREFIX,
+        extra_fds=tuple(extra.fileno for extra in extras),
         prestarted=True,
     )
-    job.on_failure("stop the restore helper started early", helper.discard)
+    job.on_failure("stop the restore helper", helper.discard)
     return helper
 
 

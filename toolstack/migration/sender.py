@@ -31,7 +31,6 @@ from protocol.handshake import SENDER, VERSION
 from ..host import (
     Domain,
     HelperCallbacks,
-    HelperProcess,
     Job,
     ToolstackError,
     faults,
@@ -164,7 +163,8 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
         postcopy=job.postcopy_allowed,
         connections=job.connections,
     )
-    helper = await start_save_helper(job, domain, link)  # loads while the destination builds
+    # one connection: the helper loads while the destination builds its domain
+    helper = await start_save_helper(job, domain, link) if job.connections == 1 else None
     try:
         await link.call(request, DEADLINES.handshake, "an answer to the migrate request")
     except PeerRefused as exc:
@@ -361,13 +361,12 @@ async def wait_until_running(site, job, domain, link, record) -> None:
         ) from None
 
 
-async def start_save_helper(job: Job, domain: Domain, link: MigrationLink) -> HelperProcess | None:
-    """The save helper, exec'd before the destination has built its domain:
-    its interpreter (~0.2 s to load here) loads meanwhile.  Served by
-    `send_stream`, or discarded if the job fails first.  None with extra
-    connections: their fds exist only once the destination accepted."""
-    if job.connections > 1:
-        return None
+async def start_save_helper(job: Job, domain: Domain, link: MigrationLink, extras=()):
+    """The save helper, exec'd --prestarted: it waits for `send_stream` to
+    serve it, or is discarded if the job fails first.  A migration on one
+    connection starts it before the destination has built its domain (its
+    interpreter, ~0.2 s to load here, loads meanwhile); one on more, once
+    the `extras` joined (their fds go on its argv)."""
     helper = await start_helper(
         "save",
         link.fileno,
@@ -375,9 +374,10 @@ async def start_save_helper(job: Job, domain: Domain, link: MigrationLink) -> He
         live=True,
         postcopy=job.postcopy_allowed,
         postcopy_bandwidth=job.postcopy_bandwidth,
+        extra_fds=tuple(extra.fileno for extra in extras),
         prestarted=True,
     )
-    job.on_failure("stop the save helper started early", helper.discard)
+    job.on_failure("stop the save helper", helper.discard)
     return helper
 
 
@@ -389,19 +389,8 @@ async def send_stream(
     await link.send_call(msgs.Stream())
     await link.send_raw(libxl.encode_header() + libxl.encode_libxc_context())
     try:
-        if helper is not None:
-            await helper.serve(callbacks)
-        else:
-            await run_helper(
-                "save",
-                link.fileno,
-                domain,
-                callbacks,
-                live=True,
-                postcopy=job.postcopy_allowed,
-                postcopy_bandwidth=job.postcopy_bandwidth,
-                extra_fds=tuple(extra.fileno for extra in extras),
-            )
+        helper = helper or await start_save_helper(job, domain, link, extras)
+        await helper.serve(callbacks)
     except ToolstackError as exc:
         if callbacks.abort_reason or switch.done:
             raise  # our own policy ended it, or postcopy lost its link: nothing to ask
