@@ -243,6 +243,7 @@ def test_save_flags_and_restore_flags(pair, short_tmp):
         )
     )
     assert saved["kind"] == "save" and saved["phase"] == "completed"
+    assert saved["running_after_ms"] is None  # a save runs no guest anywhere
     assert saved["policy"] == "xen" and saved["settings"]["max_iterations"] == 1
     assert "1 iterations done" in saved["decision"]
     assert a.call("info", name="vm1").state == "running"  # --keep

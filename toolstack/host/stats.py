@@ -243,6 +243,14 @@ class JobStats:
         return (end - self.started_ns) / 1e6
 
     @property
+    def running_after_ms(self) -> float | None:
+        """A migration's whole job as QEMU times one: the request to the
+        guest running at the destination."""
+        if self.kind != "migrate" or self.resumed_ns is None:
+            return None
+        return (self.resumed_ns - self.started_ns) / 1e6
+
+    @property
     def stream_ms(self) -> float | None:
         """How long the helper took to write the whole stream."""
         if self.stream_start_ns is None or self.stream_end_ns is None:
@@ -273,6 +281,7 @@ class JobStats:
             running=running,
             iteration=max(0, len(self.iterations) - 1),
             elapsed_ms=round(self.elapsed_ms, 1),
+            running_after_ms=_round(self.running_after_ms),
             memory_total_bytes=self.memory_bytes,
             memory_processed_bytes=self.pages_sent * PAGE_SIZE,
             memory_remaining_bytes=remaining,
