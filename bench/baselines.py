@@ -36,9 +36,11 @@ CHUNK = 1024 * PAGE  # one sendmsg: as many pages as one ferry batch
 
 
 def filled_mmap(size: int, huge: bool = False) -> mmap.mmap:
-    """An anonymous mapping with every page written, like a guest's used RAM
-    (`huge`: advised MADV_HUGEPAGE first, as QEMU advises its RAM)."""
-    region = mmap.mmap(-1, size)
+    """A private anonymous mapping with every page written, like a guest's
+    used RAM in QEMU (memory-backend-ram; `huge`: advised MADV_HUGEPAGE
+    first, as QEMU advises it).  Not mmap's default MAP_SHARED: that is
+    shmem, a memfd's kind of memory, and takes no transparent huge page."""
+    region = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge:
         region.madvise(mmap.MADV_HUGEPAGE)
     pattern = b"\x5a" * CHUNK

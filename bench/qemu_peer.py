@@ -7,11 +7,14 @@ shrink.  It is timed as a whole job, from the `migrate` request to the
 guest running at the destination, once over one connection and once with
 multifd on 2 channels, max-bandwidth unlimited.  QEMU's own figures
 (downtime, total-time, ram.mbps, bytes transferred) come from query-migrate.
+With `settle` (the bench's full run, and this command unless --no-settle),
+each migration starts once memory freed before it has gone back to the
+host, as ferry's do (settle.py).
 
 Where qemu-system-x86_64 is missing the section is skipped, and a QEMU that
 fails is reported in the section ("failed"): the peer never fails the bench.
 
-    python -m bench.qemu_peer 2GiB [--rounds N] [--workdir DIR]
+    python -m bench.qemu_peer 2GiB [--rounds N] [--workdir DIR] [--no-settle]
 
 prints the section as JSON.
 """
@@ -29,6 +32,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+
+from .settle import settle_free_memory
+
+Settle = Callable[[], float]  # waits before a timed migration; the s it waited (settle.py)
 
 BINARY = "qemu-system-x86_64"
 SKIPPED = f"{BINARY} not installed"
@@ -257,7 +264,9 @@ def event_time(event: dict) -> float:
     return stamp["seconds"] + stamp["microseconds"] / 1e6
 
 
-def qemu_migration(memory_bytes: int, channels: int, workdir: str) -> dict:
+def qemu_migration(
+    memory_bytes: int, channels: int, workdir: str, settle: Settle | None = None
+) -> dict:
     """Migrate `memory_bytes` of random RAM between two local QEMUs over
     `channels` connections (multifd when more than one); the whole job's
     MB/s and QEMU's own figures."""
@@ -275,7 +284,7 @@ def qemu_migration(memory_bytes: int, channels: int, workdir: str) -> dict:
     source = Qemu("source", binary, memory_bytes, source_ram, run_dir)
     destination = Qemu("destination", binary, memory_bytes, destination_ram, run_dir)
     try:
-        return migrate(source, destination, memory_bytes, channels)
+        return migrate(source, destination, memory_bytes, channels, settle)
     except QemuPeerError:
         # a QEMU that died explains the failure better than its peer's view of it
         for reason in (source.exit_reason(), destination.exit_reason()):
@@ -288,7 +297,9 @@ def qemu_migration(memory_bytes: int, channels: int, workdir: str) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def migrate(source: Qemu, destination: Qemu, memory_bytes: int, channels: int) -> dict:
+def migrate(
+    source: Qemu, destination: Qemu, memory_bytes: int, channels: int, settle: Settle | None
+) -> dict:
     src, dst = source.start(), destination.start("-incoming", "defer")
     source.wait_idle()
     if src.command("query-status")["status"] != "running":
@@ -298,6 +309,7 @@ def migrate(source: Qemu, destination: Qemu, memory_bytes: int, channels: int) -
     # port 0: QEMU picks a free port and reports it, so no other process can take it first
     dst.command("migrate-incoming", uri="tcp:127.0.0.1:0")
     port = dst.command("query-migrate")["socket-address"][0]["port"]
+    settled = settle() if settle else 0.0  # both QEMUs up: their RAM is allocated
     started = time.time()  # the wall clock, like the events' timestamps
     src.command("migrate", uri=f"tcp:127.0.0.1:{port}")
     deadline = time.monotonic() + MIGRATION_TIMEOUT
@@ -315,7 +327,9 @@ def migrate(source: Qemu, destination: Qemu, memory_bytes: int, channels: int) -
         raise QemuPeerError("destination guest is not running after the migration")
     # QEMU stops the guest once what is left fits in this: its downtime is not a bare minimum
     info["downtime-limit"] = src.command("query-migrate-parameters")["downtime-limit"]
-    return migration_report(memory_bytes, channels, event_time(resumed) - started, info)
+    report = migration_report(memory_bytes, channels, event_time(resumed) - started, info)
+    report["settled_s"] = settled
+    return report
 
 
 def final_figures(src: Qmp, deadline: float) -> dict:
@@ -359,12 +373,12 @@ def variant(samples: list[dict]) -> dict:
     }
 
 
-def peer_migration(memory_bytes: int, channels: int, workdir: str) -> dict:
+def peer_migration(memory_bytes: int, channels: int, workdir: str, settle: Settle | None) -> dict:
     """qemu_migration, any failure of it a QemuPeerError: a QEMU that cannot
     even be started (not executable), a QMP reply that is not JSON or lacks a
     figure, must not fail the bench either."""
     try:
-        return qemu_migration(memory_bytes, channels, workdir)
+        return qemu_migration(memory_bytes, channels, workdir, settle)
     except QemuPeerError:
         raise
     except Exception as exc:  # the peer is reported, never fatal
@@ -376,6 +390,7 @@ def peers_section(
     rounds: int,
     workdir: str,
     ferry_round: Callable[[], dict] | None = None,
+    settle: Settle | None = None,
 ) -> dict:
     """QEMU's one connection and multifd-2 migrations, `rounds` times each,
     each round after one of `ferry_round` (ferry's own migration of as much
@@ -395,7 +410,7 @@ def peers_section(
             if ferry_round is not None:
                 ferry_samples.append(ferry_round())
             for channels in CHANNELS:
-                samples[channels].append(peer_migration(memory_bytes, channels, workdir))
+                samples[channels].append(peer_migration(memory_bytes, channels, workdir, settle))
     except QemuPeerError as exc:
         failed = {"failed": str(exc)}
         if ferry_samples:
@@ -430,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("size", type=parse_size, help="guest RAM, e.g. 2GiB")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--workdir", help="where the random RAM file stays (default: a temporary dir)")
+    p.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="start each migration at once, not once freed memory went back to the host",
+    )
     args = p.parse_args(argv)
     with contextlib.ExitStack() as stack:
         if args.workdir:
@@ -437,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or stack.enter_context(
             tempfile.TemporaryDirectory(prefix="ferry-qemu-")
         )
-        section = peers_section(args.size, args.rounds, workdir)
+        settle = None if args.no_settle else settle_free_memory
+        section = peers_section(args.size, args.rounds, workdir, settle=settle)
     if "failed" in section:
         print(f"qemu_peer: {section['failed']}", file=sys.stderr)
         return 1

@@ -40,12 +40,16 @@ def fake_peers(monkeypatch, short_tmp):
     qemu = {1: [qemu_sample(1, 400.0, 250), qemu_sample(1, 420.0, 210)]}
     qemu[2] = [qemu_sample(2, 1000.0, 300), qemu_sample(2, 980.0, 280)]
 
-    def peers_migration(hosts, name, memory, ram_file):
+    def peers_migration(hosts, name, memory, ram_file, settle_first=None):
         assert os.path.getsize(ram_file) == memory and ram_file.startswith(hosts.root)
+        if settle_first:
+            settle_first()
         calls.append(name)
         return ferry[len([c for c in calls if c.startswith("peer")]) - 1]
 
-    def qemu_migration(memory_bytes, channels, workdir):
+    def qemu_migration(memory_bytes, channels, workdir, settle=None):
+        if settle:
+            settle()
         calls.append(f"qemu{channels}")
         return qemu[channels][calls.count(f"qemu{channels}") - 1]
 
@@ -71,6 +75,18 @@ def test_rounds_alternate_and_the_ratio_is_to_the_faster_qemu(fake_peers):
     assert section["ratio"] == 1.1 and section["ratio_to"] == "multifd_2"
     assert section["ratio_of"] == "ferry.best_mb_s / multifd_2.best_mb_s"
     assert os.listdir(fake_peers.hosts.root) == [f"qemu-ram-{MiB}.bin"]  # the hosts' root goes
+
+
+def test_every_timed_run_of_either_side_settles_first(fake_peers):
+    def settle_first():
+        fake_peers.calls.append("settle")
+        return 0.0
+
+    section = report.bench_peers(fake_peers.hosts, MiB, 1, settle_first)
+    runs = ["settle", "peer0", "settle", "qemu1", "settle", "qemu2"]
+    fills = ["settle", "settle"]  # destination_memory: the memfd's fill, the anonymous one's
+    assert fake_peers.calls == runs + fills
+    assert section["ratio_to"] == "multifd_2"
 
 
 def test_the_ratio_follows_whichever_qemu_was_faster(fake_peers):
@@ -108,7 +124,7 @@ def test_without_qemu_the_section_is_skipped_and_not_judged(monkeypatch, short_t
 
 
 def test_a_failing_qemu_is_reported_with_ferrys_samples(fake_peers, monkeypatch):
-    def second_round_fails(memory_bytes, channels, workdir):
+    def second_round_fails(memory_bytes, channels, workdir, settle=None):
         fake_peers.calls.append(f"qemu{channels}")
         if len(fake_peers.calls) > 3:
             raise PermissionError(13, "Permission denied", "/usr/bin/qemu-system-x86_64")
@@ -126,7 +142,7 @@ def test_a_failing_qemu_is_reported_with_ferrys_samples(fake_peers, monkeypatch)
 
 
 def test_a_failing_ferry_fails_the_bench(fake_peers, monkeypatch):
-    def peers_migration(hosts, name, memory, ram_file):
+    def peers_migration(hosts, name, memory, ram_file, settle_first=None):
         raise HarnessError("peer0 is paused at the destination after its migration")
 
     monkeypatch.setattr(report, "peers_migration", peers_migration)

@@ -41,7 +41,7 @@ def test_qemu_migrates_random_ram_and_leaves_only_the_file(short_tmp, channels):
 @needs_qemu
 def test_command_prints_both_variants(short_tmp):
     r = subprocess.run(
-        [sys.executable, "-m", "bench.qemu_peer", "64M", "--workdir", short_tmp],
+        [sys.executable, "-m", "bench.qemu_peer", "64M", "--workdir", short_tmp, "--no-settle"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -86,7 +86,7 @@ def test_a_failing_qemu_is_reported_in_one_line(monkeypatch, short_tmp):
 def test_ferry_rounds_come_first_and_give_the_ratio(monkeypatch, short_tmp):
     order = []
 
-    def fake_migration(memory_bytes, channels, workdir):
+    def fake_migration(memory_bytes, channels, workdir, settle=None):
         order.append(f"qemu{channels}")
         return {"channels": channels, "mb_s": 300.0 * channels, "downtime_ms": 10}
 
