@@ -9,7 +9,6 @@ libxl records that follow from the same fd.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -181,11 +180,11 @@ class Restorer:
                 self.decoder.feed_eof()
 
     def write_pages(self, event: libxc.PageData) -> None:
-        """One pwritev per run of contiguous pfns, through the memfd rather
-        than the mapping: the kernel allocates fresh pages without a page
-        fault each.  An XALLOC page carries no data: the incoming domain's
-        RAM starts zeroed, so it is left alone, unless this restore wrote
-        it before: then its memory is given back (it reads zero again)."""
+        """One copy per run of contiguous pfns (GuestMemory.write: without
+        the GIL, so the readers of several connections copy at once).  An
+        XALLOC page carries no data: the incoming domain's RAM starts
+        zeroed, so it is left alone, unless this restore wrote it before:
+        then its memory is given back (it reads zero again)."""
         pfns = event.pfns.astype(np.intp)
         has_data = ~libxc.HAS_NO_DATA[event.types]
         self.written[pfns] = True
@@ -196,10 +195,7 @@ class Restorer:
         data = memoryview(event.data)
         for first, last in runs(np.arange(len(data_pfns)), data_pfns):
             chunk = data[first * PAGE_SIZE : (last + 1) * PAGE_SIZE]
-            offset = int(data_pfns[first]) * PAGE_SIZE
-            while chunk:
-                written = os.pwritev(self.memory.fd, [chunk], offset)
-                chunk, offset = chunk[written:], offset + written
+            self.memory.write(int(data_pfns[first]), chunk)
 
     def clear(self, pfns: np.ndarray) -> None:
         """Zero pages: those the memfd holds (written earlier) are punched out."""
