@@ -186,6 +186,7 @@ class JobReport:
     running: bool  # the job has not ended yet
     iteration: int  # the current precopy pass (0: the first, over all RAM)
     elapsed_ms: float  # time since the job started (until it ended)
+    connections: int | None = None  # migrate: the TCP connections precopy's pages travel on (--parallel-connections, or the size's default)
     running_after_ms: float | None = None  # migrate: from the job's start to the guest running at the destination (elapsed_ms also counts destroying the source's copy)
     memory_total_bytes: int  # guest RAM
     memory_processed_bytes: int  # octets of pages sent so far (all passes); restore and migrate-receive: received
@@ -226,11 +227,11 @@ class JobReport:
 
 
 def _enc_JobReport(value):
-    return {"kind": value.kind, "domain": value.domain, "phase": value.phase, "running": value.running, "iteration": value.iteration, "elapsed_ms": value.elapsed_ms, "running_after_ms": value.running_after_ms, "memory_total_bytes": value.memory_total_bytes, "memory_processed_bytes": value.memory_processed_bytes, "memory_remaining_bytes": value.memory_remaining_bytes, "pages_sent": value.pages_sent, "bytes_sent": value.bytes_sent, "zero_pages": value.zero_pages, "dirty_rate_pages_s": value.dirty_rate_pages_s, "bandwidth_mb_s": value.bandwidth_mb_s, "expected_downtime_ms": value.expected_downtime_ms, "downtime_ms": value.downtime_ms, "stream_ms": value.stream_ms, "iterations": [_enc_Iteration(item0) for item0 in value.iterations], "policy": value.policy, "settings": dict(value.settings), "policy_rpcs": value.policy_rpcs, "policy_rpc_p50_us": value.policy_rpc_p50_us, "policy_rpc_p99_us": value.policy_rpc_p99_us, "policy_wait_p50_us": value.policy_wait_p50_us, "policy_wait_p99_us": value.policy_wait_p99_us, "policy_share_of_precopy": value.policy_share_of_precopy, "helper_peak_rss_bytes": value.helper_peak_rss_bytes, "decision": value.decision, "error": value.error, "peer": value.peer, "integrity": value.integrity, "source_digest": value.source_digest, "destination_digest": value.destination_digest, "verify_ms": value.verify_ms, "postcopy": (None if value.postcopy is None else _enc_PostcopyReport(value.postcopy))}
+    return {"kind": value.kind, "domain": value.domain, "phase": value.phase, "running": value.running, "iteration": value.iteration, "elapsed_ms": value.elapsed_ms, "connections": value.connections, "running_after_ms": value.running_after_ms, "memory_total_bytes": value.memory_total_bytes, "memory_processed_bytes": value.memory_processed_bytes, "memory_remaining_bytes": value.memory_remaining_bytes, "pages_sent": value.pages_sent, "bytes_sent": value.bytes_sent, "zero_pages": value.zero_pages, "dirty_rate_pages_s": value.dirty_rate_pages_s, "bandwidth_mb_s": value.bandwidth_mb_s, "expected_downtime_ms": value.expected_downtime_ms, "downtime_ms": value.downtime_ms, "stream_ms": value.stream_ms, "iterations": [_enc_Iteration(item0) for item0 in value.iterations], "policy": value.policy, "settings": dict(value.settings), "policy_rpcs": value.policy_rpcs, "policy_rpc_p50_us": value.policy_rpc_p50_us, "policy_rpc_p99_us": value.policy_rpc_p99_us, "policy_wait_p50_us": value.policy_wait_p50_us, "policy_wait_p99_us": value.policy_wait_p99_us, "policy_share_of_precopy": value.policy_share_of_precopy, "helper_peak_rss_bytes": value.helper_peak_rss_bytes, "decision": value.decision, "error": value.error, "peer": value.peer, "integrity": value.integrity, "source_digest": value.source_digest, "destination_digest": value.destination_digest, "verify_ms": value.verify_ms, "postcopy": (None if value.postcopy is None else _enc_PostcopyReport(value.postcopy))}
 
 
 def _dec_JobReport(value, where):
-    check_fields(value, where, frozenset(('kind', 'domain', 'phase', 'running', 'iteration', 'elapsed_ms', 'running_after_ms', 'memory_total_bytes', 'memory_processed_bytes', 'memory_remaining_bytes', 'pages_sent', 'bytes_sent', 'zero_pages', 'dirty_rate_pages_s', 'bandwidth_mb_s', 'expected_downtime_ms', 'downtime_ms', 'stream_ms', 'iterations', 'policy', 'settings', 'policy_rpcs', 'policy_rpc_p50_us', 'policy_rpc_p99_us', 'policy_wait_p50_us', 'policy_wait_p99_us', 'policy_share_of_precopy', 'helper_peak_rss_bytes', 'decision', 'error', 'peer', 'integrity', 'source_digest', 'destination_digest', 'verify_ms', 'postcopy',)), ('kind', 'domain', 'phase', 'running', 'iteration', 'elapsed_ms', 'memory_total_bytes', 'memory_processed_bytes', 'pages_sent', 'bytes_sent',))
+    check_fields(value, where, frozenset(('kind', 'domain', 'phase', 'running', 'iteration', 'elapsed_ms', 'connections', 'running_after_ms', 'memory_total_bytes', 'memory_processed_bytes', 'memory_remaining_bytes', 'pages_sent', 'bytes_sent', 'zero_pages', 'dirty_rate_pages_s', 'bandwidth_mb_s', 'expected_downtime_ms', 'downtime_ms', 'stream_ms', 'iterations', 'policy', 'settings', 'policy_rpcs', 'policy_rpc_p50_us', 'policy_rpc_p99_us', 'policy_wait_p50_us', 'policy_wait_p99_us', 'policy_share_of_precopy', 'helper_peak_rss_bytes', 'decision', 'error', 'peer', 'integrity', 'source_digest', 'destination_digest', 'verify_ms', 'postcopy',)), ('kind', 'domain', 'phase', 'running', 'iteration', 'elapsed_ms', 'memory_total_bytes', 'memory_processed_bytes', 'pages_sent', 'bytes_sent',))
     return JobReport(
         kind=check_str(value["kind"], where + ".kind"),
         domain=check_str(value["domain"], where + ".domain"),
@@ -238,6 +239,7 @@ def _dec_JobReport(value, where):
         running=check_bool(value["running"], where + ".running"),
         iteration=check_int(value["iteration"], where + ".iteration", 0, 4294967295),
         elapsed_ms=check_float(value["elapsed_ms"], where + ".elapsed_ms"),
+        connections=((None if value["connections"] is None else check_int(value["connections"], where + ".connections", 0, 255)) if "connections" in value else None),
         running_after_ms=((None if value["running_after_ms"] is None else check_float(value["running_after_ms"], where + ".running_after_ms")) if "running_after_ms" in value else None),
         memory_total_bytes=check_int(value["memory_total_bytes"], where + ".memory_total_bytes", 0, 18446744073709551615),
         memory_processed_bytes=check_int(value["memory_processed_bytes"], where + ".memory_processed_bytes", 0, 18446744073709551615),
@@ -883,7 +885,7 @@ class Migrate:
     postcopy: bool = False  # the migration may switch to postcopy (job-control postcopy, a policy's POSTCOPY, or postcopy_after_precopy)
     postcopy_after_precopy: bool = False  # switch to postcopy once the first pass over RAM is done (libvirt's --postcopy-after-precopy)
     resume: bool = False  # go on with NAME's paused postcopy over a new connection to `address` (virsh's --postcopy-resume); the other arguments are those it started with
-    parallel_connections: int = 1  # TCP connections the precopy pages travel on, sharded by 2 MiB block (libvirt's --parallel-connections); the default, 1, measured fastest on a 2-core host, where more connections only share the same cores
+    parallel_connections: int = 0  # TCP connections the precopy pages travel on, sharded by 2 MiB block (libvirt's --parallel-connections); 0, the default: chosen by the guest's size (toolstack/migration/joining.py: 1 below 1 GiB, 2 from 1 GiB, as measured on a 2-core host)
     postcopy_bandwidth: float = 0.0  # MB/s the background push of postcopy may use (QEMU's max-postcopy-bandwidth); pages the guest faults on never wait for it; 0: unlimited
     SPEC: ClassVar[MessageSpec]
 
@@ -903,7 +905,7 @@ class Migrate:
             postcopy=(check_bool(args["postcopy"], "migrate" + ".postcopy") if "postcopy" in args else False),
             postcopy_after_precopy=(check_bool(args["postcopy_after_precopy"], "migrate" + ".postcopy_after_precopy") if "postcopy_after_precopy" in args else False),
             resume=(check_bool(args["resume"], "migrate" + ".resume") if "resume" in args else False),
-            parallel_connections=(check_int(args["parallel_connections"], "migrate" + ".parallel_connections", 1, 8) if "parallel_connections" in args else 1),
+            parallel_connections=(check_int(args["parallel_connections"], "migrate" + ".parallel_connections", 0, 8) if "parallel_connections" in args else 0),
             postcopy_bandwidth=(check_float(args["postcopy_bandwidth"], "migrate" + ".postcopy_bandwidth", 0, 1000000) if "postcopy_bandwidth" in args else 0.0),
         )
 

@@ -60,7 +60,6 @@ class Job:
         self.postcopy_allowed = False  # a migration started with --postcopy
         self.postcopy_after_precopy = False  # ... that switches once the first pass is done
         self.postcopy_bandwidth = 0.0  # MB/s its background push may use; 0: unlimited
-        self.connections = 1  # a migration's TCP connections for precopy pages
         self.done = trio.Event()
         self.error: str | None = None
         self.committed = False
@@ -76,6 +75,15 @@ class Job:
         self._pause_scope: trio.CancelScope | None = None
         if domain is not None:
             self.own(domain)
+
+    @property
+    def connections(self) -> int:
+        """A migration's TCP connections for precopy pages (the report shows them)."""
+        return self.stats.connections or 1
+
+    @connections.setter
+    def connections(self, count: int) -> None:
+        self.stats.connections = count
 
     @property
     def kind(self) -> str:

@@ -105,6 +105,7 @@ class JobStats:
     policy_waits_us: list[float] = field(default_factory=list)
     policy_wait_ns: int = 0  # the helper's time waiting for answers, as of its last call
     precopy_ns: int = 0  # the helper's stream start to its last policy call
+    connections: int | None = None  # a migration's, for precopy pages
     helper_peak_rss: int | None = None  # VmHWM of the helper when it completed
     decision: str = ""  # the last non-continue decision and why
     source_digest: str = ""  # RAM digest of the suspended source, when asked for
@@ -282,6 +283,7 @@ class JobStats:
             iteration=max(0, len(self.iterations) - 1),
             elapsed_ms=round(self.elapsed_ms, 1),
             running_after_ms=_round(self.running_after_ms),
+            connections=self.connections if self.kind == "migrate" else None,
             memory_total_bytes=self.memory_bytes,
             memory_processed_bytes=self.pages_sent * PAGE_SIZE,
             memory_remaining_bytes=remaining,
