@@ -24,6 +24,7 @@ from .shards import ShardError, ShardReader
 from .toolstack_link import ToolstackLink
 
 PROGRESS_INTERVAL = 0.2  # s between restore_progress messages while pages arrive
+SHARD_STOP_TIMEOUT = 2.0  # s for a failed restore's extra readers to end
 
 
 class Restorer:
@@ -52,12 +53,17 @@ class Restorer:
         self.base = 0
         # the extra connections' readers (shards.py), until their END
         self.shard_octets = 0
+        self.store = self.memory.write_beside_others if extra_fds else self.memory.write
         self.shards = [
             ShardReader(fd, i, self.memory.pages, self.write_pages)
             for i, fd in enumerate(extra_fds, start=1)
         ]
 
     def close(self) -> None:
+        for shard in self.shards:  # still reading: the restore failed before their END
+            shard.stop(SHARD_STOP_TIMEOUT)
+        if any(shard.running for shard in self.shards):
+            return  # a reader still copies into guest RAM: it goes with the process
         self.memory.close()
 
     def restore(self) -> None:
@@ -180,8 +186,8 @@ class Restorer:
                 self.decoder.feed_eof()
 
     def write_pages(self, event: libxc.PageData) -> None:
-        """One copy per run of contiguous pfns (GuestMemory.write: without
-        the GIL, so the readers of several connections copy at once).  An
+        """One write per run of contiguous pfns (with extra connections,
+        through the mapping: their readers then allocate pages at once).  An
         XALLOC page carries no data: the incoming domain's RAM starts
         zeroed, so it is left alone, unless this restore wrote it before:
         then its memory is given back (it reads zero again)."""
@@ -195,7 +201,7 @@ class Restorer:
         data = memoryview(event.data)
         for first, last in runs(np.arange(len(data_pfns)), data_pfns):
             chunk = data[first * PAGE_SIZE : (last + 1) * PAGE_SIZE]
-            self.memory.write(int(data_pfns[first]), chunk)
+            self.store(int(data_pfns[first]), chunk)
 
     def clear(self, pfns: np.ndarray) -> None:
         """Zero pages: those the memfd holds (written earlier) are punched out."""

@@ -17,7 +17,9 @@ is in before the guest can run.
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
 import threading
 
 import numpy as np
@@ -90,6 +92,21 @@ class ShardReader:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"shard-{index}", daemon=True)
         self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """End the reader early (the restore failed): shut its socket for
+        reading, so the next read ends, and wait for the thread, which must
+        not write into guest RAM once the caller unmaps it."""
+        try:
+            with socket.socket(fileno=os.dup(self.reader.fd)) as sock:
+                sock.shutdown(socket.SHUT_RD)  # the socket, not this duplicate fd
+        except OSError:
+            pass  # not a socket, or already shut: the thread ends at its END or EOF
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def done(self, timeout: float) -> bool:
         """Wait up to `timeout` s for END; True once it came (errors raise)."""

@@ -56,20 +56,34 @@ class GuestMemory:
             raise OSError(err, f"punching guest pages: {os.strerror(err)}")
 
     def write(self, first: int, data) -> None:
-        """Copy `data` (whole pages) into pages first.. through the mapping,
-        without the GIL, then drop this process's page-table entries for
-        them (the memfd keeps the pages; the helper's RSS stays small).
+        """Write `data` (whole pages) into pages first.. through the memfd:
+        the kernel allocates each fresh page without a page fault.  One
+        writer's way: the write holds the memfd's inode lock."""
+        view = memoryview(data).cast("B")
+        offset = self._check_fits(first, view.nbytes)
+        while view:
+            written = os.pwritev(self.fd, [view], offset)
+            view, offset = view[written:], offset + written
 
-        Not pwrite(): a write to the memfd holds its inode's lock, so the
-        readers of several connections would allocate guest pages one at a
-        time; page faults through the mapping proceed side by side, which is
-        what lets a second connection speed up a destination (docs/streams.md)."""
+    def write_beside_others(self, first: int, data) -> None:
+        """As `write`, for several threads writing at once: copied through
+        the mapping, without the GIL, so their page faults proceed side by
+        side (a write to the memfd would take them one at a time), then this
+        process's page-table entries for the pages are dropped (the memfd
+        keeps them; the helper's RSS stays small)."""
         source = np.frombuffer(data, np.uint8)
-        if source.nbytes % PAGE_SIZE or first < 0 or first * PAGE_SIZE + source.nbytes > self.size:
-            raise ValueError(f"{source.nbytes} octets at page {first} do not fit guest RAM")
+        self._check_fits(first, source.nbytes)
+        if self.map.closed:
+            raise ValueError("guest RAM is no longer mapped here")
         target = self.address + first * PAGE_SIZE
         ctypes.memmove(target, source.ctypes.data, source.nbytes)
         self.map.madvise(mmap.MADV_DONTNEED, first * PAGE_SIZE, source.nbytes)
+
+    def _check_fits(self, first: int, octets: int) -> int:
+        """The offset of page `first`, once `octets` are whole pages inside RAM."""
+        if octets % PAGE_SIZE or first < 0 or first * PAGE_SIZE + octets > self.size:
+            raise ValueError(f"{octets} octets at page {first} do not fit guest RAM")
+        return first * PAGE_SIZE
 
     def mapped(self) -> np.ndarray:
         """Which pages this process's mapping maps now (/proc/self/pagemap:

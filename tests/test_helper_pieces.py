@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import time
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 from helper.postcopy import DestinationBrokeRules, HotPoller, PostcopySender
 from helper.save import DataExtents, Saver
+from helper.shards import ShardReader
 from hypervisor import GuestMemory
 from protocol.limits import PAGE_SIZE
 
@@ -89,3 +91,22 @@ def test_a_hot_poller_answers_at_once_until_it_cools():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_stopped_shard_reader_ends_before_guest_ram_is_unmapped():
+    """A restore that fails while an extra connection is mid-record stops
+    its reader first: a reader left copying would write into unmapped RAM."""
+    ours, theirs = socket.socketpair()
+    written = []
+    try:
+        reader = ShardReader(ours.fileno(), 1, 1024, written.append)
+        theirs.sendall(b"\x01\x00\x00\x00")  # the start of a record, no more
+        time.sleep(0.05)
+        assert reader.running  # blocked on the rest of the record
+        reader.stop(2.0)
+        assert not reader.running and written == []
+        with pytest.raises(Exception, match="connection 1"):
+            reader.done(0)  # it ended on a cut-short record: an error, not END
+    finally:
+        ours.close()
+        theirs.close()

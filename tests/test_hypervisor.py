@@ -250,20 +250,24 @@ def test_parse_size():
             parse_size(bad)
 
 
-def test_guest_memory_write_lands_in_the_memfd_and_leaves_no_mapping_behind():
+@pytest.mark.parametrize("how", ["write", "write_beside_others"])
+def test_guest_memory_writes_land_in_the_memfd_and_leave_no_mapping_behind(how):
     memory = GuestMemory(16)
     other = GuestMemory(16, fd=os.dup(memory.fd))  # the runner's view of the same RAM
+    write = getattr(memory, how)
     try:
-        pages = np.arange(3 * 4096, dtype=np.uint32).view(np.uint8)[: 3 * 4096]
-        memory.write(5, memoryview(pages.tobytes()))
+        pages = np.arange(3 * 1024, dtype=np.uint32).view(np.uint8)
+        write(5, memoryview(pages.tobytes()))
         assert other.bytes[5:8].tobytes() == pages.tobytes()
         assert not other.bytes[:5].any() and not other.bytes[8:].any()
-        assert not memory.mapped().any()  # the writer's page tables dropped them
+        assert not memory.mapped().any()  # the writer's page tables hold none of them
         with pytest.raises(ValueError, match="do not fit"):
-            memory.write(15, bytes(2 * 4096))  # past the end of RAM
+            write(15, bytes(2 * 4096))  # past the end of RAM
         with pytest.raises(ValueError, match="do not fit"):
-            memory.write(0, bytes(100))  # not whole pages
+            write(0, bytes(100))  # not whole pages
         assert not other.bytes[15].any()
     finally:
         other.close()
         memory.close()
+    with pytest.raises((ValueError, OSError)):  # unmapped (or its fd closed): refused, no crash
+        write(0, bytes(4096))
