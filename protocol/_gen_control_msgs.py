@@ -187,7 +187,7 @@ class JobReport:
     iteration: int  # the current precopy pass (0: the first, over all RAM)
     elapsed_ms: float  # time since the job started (until it ended)
     connections: int | None = None  # migrate: the TCP connections precopy's pages travel on (--parallel-connections, or the size's default)
-    running_after_ms: float | None = None  # migrate: from the job's start to the guest running at the destination (elapsed_ms also counts destroying the source's copy)
+    running_after_ms: float | None = None  # migrate: from the job's start to the guest running at the destination (postcopy: to the switch, its last pages still following; elapsed_ms also counts destroying the source's copy)
     memory_total_bytes: int  # guest RAM
     memory_processed_bytes: int  # octets of pages sent so far (all passes); restore and migrate-receive: received
     memory_remaining_bytes: int | None = None  # octets of this pass not yet sent

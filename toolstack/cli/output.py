@@ -44,6 +44,8 @@ def print_job(job) -> None:
         ("Phase", job.phase + ("" if job.running else " (ended)")),
         ("Iteration", job.iteration),
         ("Time elapsed", _ms(job.elapsed_ms)),
+        ("Running after", _ms(job.running_after_ms)),
+        ("Connections", "-" if job.connections is None else job.connections),
         ("Memory total", _mb(job.memory_total_bytes)),
         ("Memory processed", _mb(job.memory_processed_bytes)),
         ("Memory remaining", _mb(job.memory_remaining_bytes)),

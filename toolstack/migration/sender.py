@@ -196,8 +196,8 @@ async def _send(site: Site, job: Job, domain: Domain, link: MigrationLink, verif
     commit_after_go(site, job, domain, record)
     await faults.reached("source:go-out")
     await wait_until_running(site, job, domain, link, record)
+    stats.resumed_ns = time.monotonic_ns()  # the guest runs there; our journal is our business
     await journal_committed(journal, record)
-    stats.resumed_ns = time.monotonic_ns()
     _record_verify(stats, verify, ready, source_digest)
     await site.host.destroy(domain)
     await journal.remove(record.migration_id)
