@@ -186,7 +186,7 @@ class JobReport:
     running: bool  # the job has not ended yet
     iteration: int  # the current precopy pass (0: the first, over all RAM)
     elapsed_ms: float  # time since the job started (until it ended)
-    connections: int | None = None  # migrate: the TCP connections precopy's pages travel on (--parallel-connections, or the size's default)
+    connections: int | None = None  # migrate: the TCP connections precopy's pages travel on (--parallel-connections)
     running_after_ms: float | None = None  # migrate: from the job's start to the guest running at the destination (postcopy: to the switch, its last pages still following; elapsed_ms also counts destroying the source's copy)
     memory_total_bytes: int  # guest RAM
     memory_processed_bytes: int  # octets of pages sent so far (all passes); restore and migrate-receive: received
@@ -885,7 +885,7 @@ class Migrate:
     postcopy: bool = False  # the migration may switch to postcopy (job-control postcopy, a policy's POSTCOPY, or postcopy_after_precopy)
     postcopy_after_precopy: bool = False  # switch to postcopy once the first pass over RAM is done (libvirt's --postcopy-after-precopy)
     resume: bool = False  # go on with NAME's paused postcopy over a new connection to `address` (virsh's --postcopy-resume); the other arguments are those it started with
-    parallel_connections: int = 0  # TCP connections the precopy pages travel on, sharded by 2 MiB block (libvirt's --parallel-connections); 0, the default: chosen by the guest's size (toolstack/migration/joining.py: 1 below 1 GiB, 2 from 1 GiB, as measured on a 2-core host)
+    parallel_connections: int = 1  # TCP connections the precopy pages travel on, sharded by 2 MiB block (libvirt's --parallel-connections); the default, 1: on a 2-core host two carried a 2 GiB guest faster but missed downtime limits (docs/streams.md)
     postcopy_bandwidth: float = 0.0  # MB/s the background push of postcopy may use (QEMU's max-postcopy-bandwidth); pages the guest faults on never wait for it; 0: unlimited
     SPEC: ClassVar[MessageSpec]
 
@@ -905,7 +905,7 @@ class Migrate:
             postcopy=(check_bool(args["postcopy"], "migrate" + ".postcopy") if "postcopy" in args else False),
             postcopy_after_precopy=(check_bool(args["postcopy_after_precopy"], "migrate" + ".postcopy_after_precopy") if "postcopy_after_precopy" in args else False),
             resume=(check_bool(args["resume"], "migrate" + ".resume") if "resume" in args else False),
-            parallel_connections=(check_int(args["parallel_connections"], "migrate" + ".parallel_connections", 0, 8) if "parallel_connections" in args else 0),
+            parallel_connections=(check_int(args["parallel_connections"], "migrate" + ".parallel_connections", 1, 8) if "parallel_connections" in args else 1),
             postcopy_bandwidth=(check_float(args["postcopy_bandwidth"], "migrate" + ".postcopy_bandwidth", 0, 1000000) if "postcopy_bandwidth" in args else 0.0),
         )
 

@@ -61,7 +61,7 @@ class DaemonStubs:
         """Restore a domain from a save file, like `xl restore`."""
         return self.channel.call(Restore(file=file, name=name, paused=paused, watch=watch))
 
-    def migrate(self, *, name: str, address: str, policy: str = 'converge', settings: dict[str, int | float | str | bool] | None = None, verify: bool = False, watch: bool = False, postcopy: bool = False, postcopy_after_precopy: bool = False, resume: bool = False, parallel_connections: int = 0, postcopy_bandwidth: float = 0.0) -> JobReport:
+    def migrate(self, *, name: str, address: str, policy: str = 'converge', settings: dict[str, int | float | str | bool] | None = None, verify: bool = False, watch: bool = False, postcopy: bool = False, postcopy_after_precopy: bool = False, resume: bool = False, parallel_connections: int = 1, postcopy_bandwidth: float = 0.0) -> JobReport:
         """Live-migrate a domain to the ferryd at `address`, like `xl migrate`."""
         return self.channel.call(Migrate(name=name, address=address, policy=policy, settings=settings if settings is not None else {}, verify=verify, watch=watch, postcopy=postcopy, postcopy_after_precopy=postcopy_after_precopy, resume=resume, parallel_connections=parallel_connections, postcopy_bandwidth=postcopy_bandwidth))
 
@@ -132,7 +132,7 @@ class AsyncDaemonStubs:
         """Restore a domain from a save file, like `xl restore`."""
         return await self.channel.call(Restore(file=file, name=name, paused=paused, watch=watch))
 
-    async def migrate(self, *, name: str, address: str, policy: str = 'converge', settings: dict[str, int | float | str | bool] | None = None, verify: bool = False, watch: bool = False, postcopy: bool = False, postcopy_after_precopy: bool = False, resume: bool = False, parallel_connections: int = 0, postcopy_bandwidth: float = 0.0) -> JobReport:
+    async def migrate(self, *, name: str, address: str, policy: str = 'converge', settings: dict[str, int | float | str | bool] | None = None, verify: bool = False, watch: bool = False, postcopy: bool = False, postcopy_after_precopy: bool = False, resume: bool = False, parallel_connections: int = 1, postcopy_bandwidth: float = 0.0) -> JobReport:
         """Live-migrate a domain to the ferryd at `address`, like `xl migrate`."""
         return await self.channel.call(Migrate(name=name, address=address, policy=policy, settings=settings if settings is not None else {}, verify=verify, watch=watch, postcopy=postcopy, postcopy_after_precopy=postcopy_after_precopy, resume=resume, parallel_connections=parallel_connections, postcopy_bandwidth=postcopy_bandwidth))
 

@@ -196,9 +196,9 @@ class Migrate(Command):
         p.add_argument(
             "--parallel-connections",
             type=connections,
-            default=0,  # the daemon chooses by the guest's size
+            default=1,
             metavar="N",
-            help="TCP connections for precopy's pages (1-8; default: 1 below 1 GiB of RAM, 2 from 1 GiB)",
+            help="TCP connections for precopy's pages (1-8, default 1)",
         )
         p.add_argument(
             "--postcopy-bandwidth",

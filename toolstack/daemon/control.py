@@ -24,7 +24,6 @@ from ..host.async_channel import AsyncChannel, ChannelError
 from ..host.domains import INCONSISTENT
 from ..host.savefile import open_save_file, rename, restore_domain, save_domain
 from ..migration import migrate_send
-from ..migration.joining import default_connections
 from ..migration.sender import open_resume
 from ..policies import PolicyError, PolicyFailed
 from ..policies.guard import one_line
@@ -209,7 +208,7 @@ class ControlSession(DaemonHandlers):
         job.postcopy_allowed = postcopy
         job.postcopy_after_precopy = postcopy_after_precopy
         job.postcopy_bandwidth = postcopy_bandwidth
-        job.connections = parallel_connections or default_connections(domain.config.memory_bytes)
+        job.connections = parallel_connections
 
         async def work(job: Job) -> None:
             await migrate_send(self.daemon.site, job, domain, address, verify)

@@ -13,17 +13,6 @@ import trio
 from ..host import ToolstackError
 from .link import MigrationLink
 
-# A second connection pays from here: measured on this 2-core machine with
-# settled memory, 2 GiB went 498-563 MB/s on two against 375-485 on one,
-# while a 256 MiB job took 700 ms on two against 635 (the join, and a
-# helper that cannot start before its extra connections exist).
-TWO_CONNECTIONS_FROM = 1 << 30  # octets of guest RAM
-
-
-def default_connections(memory_bytes: int) -> int:
-    """The connections a migration uses when its request names none."""
-    return 2 if memory_bytes >= TWO_CONNECTIONS_FROM else 1
-
 
 class Joining:
     """The extra connections migration `migration_id` expects (numbers 1..count)."""
