@@ -77,7 +77,8 @@ TAKE_OCTETS = 256 << 10  # POSTCOPY_PAGE_DATA: a few records (or one of up to 4 
 # its body in one read).
 PEEK_OCTETS = 16 << 10
 LAST_RECORDS = (libxc.REC_END, libxc.REC_POSTCOPY_COMPLETE)  # nothing after these is ours
-ZEROS = bytes(64 * PAGE_SIZE)  # written over a stale page that became a zero page
+ZERO_PAGES = 64
+ZEROS = memoryview(bytes(ZERO_PAGES * PAGE_SIZE))  # written over stale pages that became zero
 # While a guest waits for a page, both helpers stay hot (see HotPoller):
 HOT_AFTER_ASK_NS = 200_000  # destination: from asking for a page
 HOT_AFTER_INSTALL_NS = 100_000  # destination: after a faulted page is in place
@@ -612,7 +613,7 @@ class PostcopyReceiver:
         page_at = libxc.ONE_RECORD.size  # where the page is in `octets` and the look's buffer
         address = self.base + pfn * PAGE_SIZE
         if self.stale_at[pfn]:
-            write_all(self.restorer.memory.fd, octets[page_at:], pfn * PAGE_SIZE)
+            self.restorer.memory.write(pfn, octets[page_at:])
             there = uffd.continue_(self.uffd, address, PAGE_SIZE)
         else:
             there = uffd.copy(self.uffd, address, self.stream.peek_address + page_at, PAGE_SIZE)
@@ -654,7 +655,7 @@ class PostcopyReceiver:
             raise RemoteProtocolError(f"{octets.nbytes} octets of data for {len(pfns)} pages")
         source = None  # the data's address, for UFFDIO_COPY: found when first needed
         run_at = 0  # where the current run's data starts in `octets`
-        memfd = self.restorer.memory.fd
+        memory = self.restorer.memory
         pfn_runs = [(int(pfns[0]), 1)] if len(pfns) == 1 else runs(pfns)
         for first, count in pfn_runs:
             length = count * PAGE_SIZE
@@ -662,7 +663,7 @@ class PostcopyReceiver:
                 at = run_at + (start - first) * PAGE_SIZE
                 address = self.base + start * PAGE_SIZE
                 if stale:
-                    write_all(memfd, octets[at : at + n * PAGE_SIZE], start * PAGE_SIZE)
+                    memory.write(start, octets[at : at + n * PAGE_SIZE])
                     there = uffd.continue_(self.uffd, address, n * PAGE_SIZE)
                 else:
                     if source is None:
@@ -689,14 +690,13 @@ class PostcopyReceiver:
     def install_zeros(self, pfns: np.ndarray) -> None:
         """Zero pages: over a stale version the memfd holds, write zeros then
         map; into a hole, the kernel's zero page."""
-        memfd = self.restorer.memory.fd
+        memory = self.restorer.memory
         for first, count in runs(np.sort(pfns)):
             for start, n, stale in split_by(self.stale, first, count):
                 address = self.base + start * PAGE_SIZE
                 if stale:
-                    for at in range(0, n * PAGE_SIZE, len(ZEROS)):
-                        size = min(len(ZEROS), n * PAGE_SIZE - at)
-                        write_all(memfd, memoryview(ZEROS)[:size], start * PAGE_SIZE + at)
+                    for at in range(start, start + n, ZERO_PAGES):
+                        memory.write(at, ZEROS[: min(ZERO_PAGES, start + n - at) * PAGE_SIZE])
                     uffd.continue_(self.uffd, address, n * PAGE_SIZE)
                 else:
                     uffd.zeropage(self.uffd, address, n * PAGE_SIZE)
@@ -749,13 +749,6 @@ def split_by(mask: np.ndarray, first: int, count: int):
     ends = np.concatenate((breaks, [count]))
     for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
         yield first + s, e - s, bool(values[s])
-
-
-def write_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwritev(fd, [view], offset)
-        view, offset = view[n:], offset + n
 
 
 def set_bitmap(pfns: np.ndarray, pages: int) -> bytes:

@@ -283,7 +283,7 @@ class JobStats:
             iteration=max(0, len(self.iterations) - 1),
             elapsed_ms=round(self.elapsed_ms, 1),
             running_after_ms=_round(self.running_after_ms),
-            connections=self.connections if self.kind == "migrate" else None,
+            connections=self.connections,  # set for migrations only
             memory_total_bytes=self.memory_bytes,
             memory_processed_bytes=self.pages_sent * PAGE_SIZE,
             memory_remaining_bytes=remaining,
