@@ -1,8 +1,8 @@
 """Restore a domain: read the libxc stream into an incoming domain's RAM.
 
 Every record is checked before it touches the domain (the decoder bounds
-lengths, counts and pfns by the domain's size); page data goes straight
-into the mapped RAM with one numpy assignment per record.  The stream is
+lengths, counts and pfns by the domain's size); page data is written into
+the domain's memfd by two threads at once (page_writers.py).  The stream is
 read exactly up to its END record and no further: the toolstack reads the
 libxl records that follow from the same fd.
 """
@@ -19,12 +19,14 @@ from protocol.limits import MAX_BATCH_PAGES, PAGE_SIZE
 from protocol.postcopy import ForwardRules
 
 from .fdio import FdReader, FdWriter
+from .page_writers import PageWriters
 from .postcopy import PostcopyReceiver, PrecopyPages, present, set_bitmap, set_from_bitmap
 from .shards import ShardError, ShardReader
 from .toolstack_link import ToolstackLink
 
 PROGRESS_INTERVAL = 0.2  # s between restore_progress messages while pages arrive
 SHARD_STOP_TIMEOUT = 2.0  # s for a failed restore's extra readers to end
+WRITER_STOP_TIMEOUT = 2.0  # s for the second page writer to end
 
 
 class Restorer:
@@ -53,7 +55,9 @@ class Restorer:
         self.base = 0
         # the extra connections' readers (shards.py), until their END
         self.shard_octets = 0
-        self.store = self.memory.write_beside_others if extra_fds else self.memory.write
+        # One connection: its records are split between two writers.  Several:
+        # every reader writes its own through the mapping (GuestMemory).
+        self.writers = None if extra_fds else PageWriters(self.memory)
         self.shards = [
             ShardReader(fd, i, self.memory.pages, self.write_pages)
             for i, fd in enumerate(extra_fds, start=1)
@@ -62,8 +66,12 @@ class Restorer:
     def close(self) -> None:
         for shard in self.shards:  # still reading: the restore failed before their END
             shard.stop(SHARD_STOP_TIMEOUT)
-        if any(shard.running for shard in self.shards):
-            return  # a reader still copies into guest RAM: it goes with the process
+        if self.writers is not None:
+            self.writers.close(WRITER_STOP_TIMEOUT)
+        if any(shard.running for shard in self.shards) or (
+            self.writers is not None and self.writers.running
+        ):
+            return  # a thread still copies into guest RAM: it goes with the process
         self.memory.close()
 
     def restore(self) -> None:
@@ -71,8 +79,8 @@ class Restorer:
             at = self.decoder.offset
             event = self.next_event()
             self.rules.event(event, at)
-            if self.shards and ends_the_pages(event):
-                self.join_shards()  # every page first, from every connection
+            if ends_the_pages(event):
+                self.finish_pages()  # every page in before anything else
             match event:
                 case libxc.PageData():
                     self.write_pages(event)
@@ -151,6 +159,13 @@ class Restorer:
         PostcopyReceiver(self, self.rules, self.uffd, self.base, precopy).serve()
         self.link.restore_results(self.pages_written, 0, 0)
 
+    def finish_pages(self) -> None:
+        """Every page written, from every connection and writer."""
+        if self.shards:
+            self.join_shards()
+        if self.writers is not None:
+            self.writers.wait()
+
     def join_shards(self) -> None:
         """Wait for every extra connection's END, saying progress meanwhile."""
         try:
@@ -186,11 +201,15 @@ class Restorer:
                 self.decoder.feed_eof()
 
     def write_pages(self, event: libxc.PageData) -> None:
-        """One write per run of contiguous pfns (with extra connections,
-        through the mapping: their readers then allocate pages at once).  An
-        XALLOC page carries no data: the incoming domain's RAM starts
-        zeroed, so it is left alone, unless this restore wrote it before:
-        then its memory is given back (it reads zero again)."""
+        """One write per run of contiguous pfns: with one connection, the
+        runs are split between two threads (page_writers.py); with extra
+        connections, every reader writes its own through the mapping, so
+        that their page allocations proceed side by side.  An XALLOC page
+        carries no data: the incoming domain's RAM starts zeroed, so it is
+        left alone, unless this restore wrote it before: then its memory is
+        given back (it reads zero again)."""
+        if self.writers is not None:
+            self.writers.wait()  # the last record's pages first
         pfns = event.pfns.astype(np.intp)
         has_data = ~libxc.HAS_NO_DATA[event.types]
         self.written[pfns] = True
@@ -199,9 +218,15 @@ class Restorer:
         data_pfns = pfns[has_data]
         self.stored[data_pfns] = True
         data = memoryview(event.data)
-        for first, last in runs(np.arange(len(data_pfns)), data_pfns):
-            chunk = data[first * PAGE_SIZE : (last + 1) * PAGE_SIZE]
-            self.store(int(data_pfns[first]), chunk)
+        stretches = [
+            (int(data_pfns[first]), data[first * PAGE_SIZE : (last + 1) * PAGE_SIZE])
+            for first, last in runs(np.arange(len(data_pfns)), data_pfns)
+        ]
+        if self.writers is not None:
+            self.writers.write(stretches)
+        else:
+            for pfn, chunk in stretches:
+                self.memory.write_beside_others(pfn, chunk)
 
     def clear(self, pfns: np.ndarray) -> None:
         """Zero pages: those the memfd holds (written earlier) are punched out."""
