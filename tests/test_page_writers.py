@@ -5,6 +5,7 @@ the restore."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -60,9 +61,10 @@ def test_records_split_between_two_writers_land_whole():
     try:
         rng = np.random.default_rng(3)
         expected = np.zeros(memory.pages, dtype=np.int64)
-        for tag in range(1, 6):  # each record rewrites pages the last one wrote
-            pfns = np.sort(rng.choice(memory.pages, 1024, replace=False))
-            writers.write([(int(p), pages_of([p], tag)) for p in pfns])
+        for tag in range(1, 9):  # each record rewrites pages the last one wrote
+            first = int(rng.integers(0, 2048))
+            pfns = np.concatenate([np.arange(first, first + 700), np.arange(3000, 3300)])
+            writers.write([(first, pages_of(pfns[:700], tag)), (3000, pages_of(pfns[700:], tag))])
             expected[pfns] = pfns * 1000 + tag
         writers.wait()
         assert (contents(memory) == expected).all()
@@ -129,13 +131,35 @@ def test_the_second_writers_failure_reaches_the_restore():
         memory.close()
 
 
-def test_a_short_record_is_written_by_one_thread():
-    memory = SlowSecondHalf(SPLIT_MIN_PAGES)  # its second half would block
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [(0, pages_of(range(SPLIT_MIN_PAGES - 1), 1))],  # short
+        [(2 * p, pages_of([2 * p], 1)) for p in range(4 * SPLIT_MIN_PAGES)],  # scattered
+    ],
+    ids=["short", "scattered"],
+)
+def test_short_or_scattered_records_are_written_by_one_thread(runs):
+    memory = SlowSecondHalf(16 * SPLIT_MIN_PAGES)  # its second half would block
     writers = PageWriters(memory)
     try:
-        writers.write([(0, pages_of(range(SPLIT_MIN_PAGES - 1), 1))])
+        writers.write(runs)
         writers.wait()
         assert {who for who, _ in memory.log} == {"first half"}
+        assert len(memory.log) == len(runs)
+    finally:
+        writers.close(2.0)
+        memory.close()
+
+
+def test_the_second_writer_yields_every_cpu_to_other_work():
+    memory = GuestMemory(SPLIT_MIN_PAGES)
+    writers = PageWriters(memory)
+    try:
+        writers.write([(0, pages_of(range(SPLIT_MIN_PAGES), 1))])
+        writers.wait()  # its thread has started, and set its policy first
+        assert os.sched_getscheduler(writers._thread.native_id) == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the reader's is its own
     finally:
         writers.close(2.0)
         memory.close()
