@@ -1,10 +1,10 @@
-"""Two threads write each record's pages into the incoming guest's RAM.
+"""Two threads write a record's pages into the incoming guest's RAM.
 
 Most of a restore's first pass is not the copy: it is the kernel
 allocating each fresh page as its data lands (and, where this host is
 itself a VM whose host reclaims free memory, a fault on that host too).
 One thread does that one page after another.  So a record's pages are
-split in two: this thread writes one half into the memfd (`write`), a
+split in two: the reader writes one half into the memfd (`write`), a
 second thread copies the other half through the mapping
 (`write_beside_others`; a second `pwritev` would wait for the memfd's
 inode lock).  Their allocations proceed side by side, and the second
@@ -14,9 +14,13 @@ Measured on the 2-core VM (2 GiB of fresh memory, settled, a bare loop
 receiving 4 MiB records from loopback TCP): one writer 340-356 MB/s, split
 in two like this 517-621 MB/s.
 
-The next record waits for the previous one's second half (`wait`), so
-records are written in order: a page sent twice keeps its later version,
-and a page cleared after it was written stays clear.
+Only records that gain are split (`worth_splitting`): long runs of pages,
+each pfn once and in ascending order.  A dirty pass's scattered pages are
+long allocated, and one thread writes them faster than two.
+
+The next record waits for the previous one's second half (`wait`), and so
+does anything else that touches guest RAM: pages land in the order they
+were sent, and a page cleared after it was written stays clear.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from protocol.limits import PAGE_SIZE
 
 SPLIT_MIN_PAGES = 64  # fewer: the hand-over costs more than the second thread saves
 SPLIT_MIN_RUN = 16  # pages a run on average, or one thread writes the record
+WRITER_NICE = 5  # the second thread's nice value above the reader's (why: yield_cpu)
 
 Run = tuple[int, memoryview]  # (first pfn, its pages' data)
 
@@ -50,7 +55,7 @@ class PageWriters:
     def write(self, runs: list[Run]) -> None:
         self.wait()
         pages = sum(data.nbytes for _pfn, data in runs) // PAGE_SIZE
-        if not self.worth_splitting(len(runs), pages):
+        if not worth_splitting(runs, pages):
             for pfn, data in runs:
                 self.memory.write(pfn, data)
             return
@@ -59,15 +64,6 @@ class PageWriters:
         self._pending = True
         for pfn, data in mine:
             self.memory.write(pfn, data)
-
-    def worth_splitting(self, runs: int, pages: int) -> bool:
-        """Long runs of fresh pages (a first pass) gain from two threads
-        allocating; pages scattered one by one (a dirty pass: pages long
-        allocated) lose: a run through the mapping costs more calls than a
-        pwritev, and the threads take turns on the GIL.  At 30,000 dirty
-        pages/s, splitting those too measured 114 ms of downtime where 80
-        were expected."""
-        return pages >= SPLIT_MIN_PAGES and pages >= SPLIT_MIN_RUN * runs and self.running
 
     def wait(self) -> None:
         """Until the second thread has written its half (its error raised)."""
@@ -78,7 +74,8 @@ class PageWriters:
                 raise error
 
     def close(self, timeout: float) -> None:
-        """End the second thread, its half written or not (a failed restore)."""
+        """End the second thread once it has written any half it holds
+        (at most `timeout` s: `running` says whether it still is)."""
         self._work.put(None)
         self._thread.join(timeout)
 
@@ -86,8 +83,13 @@ class PageWriters:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def native_id(self) -> int | None:
+        """The second thread's id (the kernel's)."""
+        return self._thread.native_id
+
     def _run(self) -> None:
-        run_when_idle()
+        yield_cpu()
         while (runs := self._work.get()) is not None:
             try:
                 for pfn, data in runs:
@@ -98,16 +100,36 @@ class PageWriters:
                 self._done.put(None)
 
 
-def run_when_idle() -> None:
-    """Have this thread run only on a CPU nobody else wants (SCHED_IDLE).
-    The save helper waits for the policy's answer after every batch, and
-    on two busy cores a third thread copying pages made it wait for a CPU
-    as well: its policy wait was 3.2-3.6% of precopy with this thread at
-    normal priority, 1.6-1.7% with it idle.  The writer loses nothing by it: when it lags, the reader waits for it
-    and leaves a CPU free (2 GiB whole jobs, interleaved, 6 each: 446-541
-    MB/s as SCHED_IDLE, 457-541 without)."""
+def worth_splitting(runs: list[Run], pages: int) -> bool:
+    """Long runs (a first pass: fresh pages) gain from two threads
+    allocating.  Pages scattered one by one (a dirty pass: pages long
+    allocated) lose: a run through the mapping costs more calls than a
+    pwritev, and the threads take turns on the GIL; at 30,000 dirty
+    pages/s, splitting those too measured 114 ms of downtime where 80 were
+    expected.  And only runs in ascending order, none overlapping: of a
+    pfn sent twice in one record, the later copy must win, and the halves
+    are written at the same time."""
+    if pages < SPLIT_MIN_PAGES or pages < SPLIT_MIN_RUN * len(runs):
+        return False
+    ends = [pfn + data.nbytes // PAGE_SIZE for pfn, data in runs]
+    return all(pfn >= end for (pfn, _data), end in zip(runs[1:], ends, strict=False))
+
+
+def yield_cpu() -> None:
+    """Lower this thread's priority by WRITER_NICE.  The save helper waits
+    for the policy's answer after every batch, and on two busy cores a
+    third thread copying pages made it wait for a CPU as well.  Its policy
+    wait, as a share of precopy (3 runs each; a raw ping-pong in the same
+    gaps took 1.2-2.3%): this thread at the reader's priority 3.2-3.6%,
+    at nice 5 2.3-2.6%, SCHED_IDLE 1.6-1.7%.  Not SCHED_IDLE: beside a
+    busy guest on the same CPU it would get a few per mille of it, and the
+    reader, which waits for each half, would crawl with it; at nice 5 it
+    still gets about a quarter."""
+    me = threading.get_native_id()
     try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        os.setpriority(
+            os.PRIO_PROCESS, me, min(os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICE, 19)
+        )
     except (AttributeError, OSError):
         pass  # not Linux, or not allowed: it competes like any thread
 

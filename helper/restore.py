@@ -2,7 +2,8 @@
 
 Every record is checked before it touches the domain (the decoder bounds
 lengths, counts and pfns by the domain's size); page data is written into
-the domain's memfd by two threads at once (page_writers.py).  The stream is
+the domain's memfd, a first pass's long runs by two threads at once
+(page_writers.py).  The stream is
 read exactly up to its END record and no further: the toolstack reads the
 libxl records that follow from the same fd.
 """
@@ -57,7 +58,7 @@ class Restorer:
         self.shard_octets = 0
         # One connection: its records are split between two writers.  Several:
         # every reader writes its own through the mapping (GuestMemory).
-        self.writers = None if extra_fds else PageWriters(self.memory)
+        self.page_writers = None if extra_fds else PageWriters(self.memory)
         self.shards = [
             ShardReader(fd, i, self.memory.pages, self.write_pages)
             for i, fd in enumerate(extra_fds, start=1)
@@ -66,10 +67,10 @@ class Restorer:
     def close(self) -> None:
         for shard in self.shards:  # still reading: the restore failed before their END
             shard.stop(SHARD_STOP_TIMEOUT)
-        if self.writers is not None:
-            self.writers.close(WRITER_STOP_TIMEOUT)
+        if self.page_writers is not None:
+            self.page_writers.close(WRITER_STOP_TIMEOUT)
         if any(shard.running for shard in self.shards) or (
-            self.writers is not None and self.writers.running
+            self.page_writers is not None and self.page_writers.running
         ):
             return  # a thread still copies into guest RAM: it goes with the process
         self.memory.close()
@@ -163,8 +164,8 @@ class Restorer:
         """Every page written, from every connection and writer."""
         if self.shards:
             self.join_shards()
-        if self.writers is not None:
-            self.writers.wait()
+        if self.page_writers is not None:
+            self.page_writers.wait()
 
     def join_shards(self) -> None:
         """Wait for every extra connection's END, saying progress meanwhile."""
@@ -201,15 +202,15 @@ class Restorer:
                 self.decoder.feed_eof()
 
     def write_pages(self, event: libxc.PageData) -> None:
-        """One write per run of contiguous pfns: with one connection, the
+        """One write per run of contiguous pfns: with one connection, long
         runs are split between two threads (page_writers.py); with extra
         connections, every reader writes its own through the mapping, so
         that their page allocations proceed side by side.  An XALLOC page
         carries no data: the incoming domain's RAM starts zeroed, so it is
         left alone, unless this restore wrote it before: then its memory is
         given back (it reads zero again)."""
-        if self.writers is not None:
-            self.writers.wait()  # the last record's pages first
+        if self.page_writers is not None:
+            self.page_writers.wait()  # the last record's pages first
         pfns = event.pfns.astype(np.intp)
         has_data = ~libxc.HAS_NO_DATA[event.types]
         self.written[pfns] = True
@@ -222,8 +223,8 @@ class Restorer:
             (int(data_pfns[first]), data[first * PAGE_SIZE : (last + 1) * PAGE_SIZE])
             for first, last in runs(np.arange(len(data_pfns)), data_pfns)
         ]
-        if self.writers is not None:
-            self.writers.write(stretches)
+        if self.page_writers is not None:
+            self.page_writers.write(stretches)
         else:
             for pfn, chunk in stretches:
                 self.memory.write_beside_others(pfn, chunk)

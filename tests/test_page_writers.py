@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from helper.page_writers import SPLIT_MIN_PAGES, PageWriters, split_in_two
+from helper.fdio import FdReader
+from helper.page_writers import (
+    SPLIT_MIN_PAGES,
+    WRITER_NICE,
+    PageWriters,
+    split_in_two,
+    worth_splitting,
+)
+from helper.restore import Restorer
 from hypervisor import GuestMemory
+from protocol import libxc
 from protocol.limits import PAGE_SIZE
 
 
@@ -152,14 +162,122 @@ def test_short_or_scattered_records_are_written_by_one_thread(runs):
         memory.close()
 
 
-def test_the_second_writer_yields_every_cpu_to_other_work():
+def test_the_second_writer_yields_to_the_reader_but_is_not_idle():
     memory = GuestMemory(SPLIT_MIN_PAGES)
     writers = PageWriters(memory)
     try:
         writers.write([(0, pages_of(range(SPLIT_MIN_PAGES), 1))])
-        writers.wait()  # its thread has started, and set its policy first
-        assert os.sched_getscheduler(writers._thread.native_id) == os.SCHED_IDLE
-        assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the reader's is its own
+        writers.wait()  # its thread has started, and set its priority first
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, writers.native_id) == min(mine + WRITER_NICE, 19)
+        assert os.sched_getscheduler(writers.native_id) != os.SCHED_IDLE
     finally:
         writers.close(2.0)
         memory.close()
+
+
+@pytest.mark.parametrize(
+    "runs, split",
+    [
+        ([(0, 64), (100, 64)], True),
+        ([(0, 64), (64, 64)], True),  # touching, not overlapping
+        ([(0, 64), (63, 64)], False),  # pfn 63 twice
+        ([(100, 64), (0, 64)], False),  # descending
+        ([(0, SPLIT_MIN_PAGES - 1)], False),  # short
+        ([(2 * p, 1) for p in range(4 * SPLIT_MIN_PAGES)], False),  # scattered
+    ],
+)
+def test_only_long_ascending_runs_are_split(runs, split):
+    runs = [(pfn, pages_of(range(pfn, pfn + count), 1)) for pfn, count in runs]
+    assert worth_splitting(runs, sum(d.nbytes for _p, d in runs) // PAGE_SIZE) is split
+
+
+# -- the Restorer's use of them: the real restore, a stream from a file ----------------
+
+
+class SlowWrites(GuestMemory):
+    """Guest RAM whose writes by one thread or the other take a while."""
+
+    reader_delay = 0.0  # s before each pwritev (the reader's half)
+    writer_delay = 0.0  # s before each copy through the mapping (the second half)
+
+    def write(self, first, data):
+        time.sleep(self.reader_delay)
+        super().write(first, data)
+
+    def write_beside_others(self, first, data):
+        time.sleep(self.writer_delay)
+        super().write_beside_others(first, data)
+
+
+class Domain:
+    """Hands the restore its RAM; notes every page as the context goes in
+    (what the guest would run with)."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self.at_context: np.ndarray | None = None
+
+    def map_guest_memory(self, writable=False):
+        return self.memory
+
+    def set_context(self, blob):
+        self.at_context = contents(self.memory)
+
+
+class QuietLink:
+    def __getattr__(self, name):
+        return lambda *args: None
+
+
+def restore_stream(tmp_path, records, memory: GuestMemory) -> Domain:
+    buffers = [libxc.encode_image_header(), libxc.encode_domain_header()]
+    buffers += libxc.encode_marker(libxc.REC_STATIC_DATA_END)
+    for record in records:
+        buffers += record
+    buffers += libxc.encode_hvm_context(b"context")
+    buffers += libxc.encode_marker(libxc.REC_END)
+    path = tmp_path / "stream"
+    path.write_bytes(b"".join(bytes(b) for b in buffers))
+    fd = os.open(path, os.O_RDONLY)
+    domain = Domain(memory)
+    restorer = Restorer(domain, QuietLink(), FdReader(fd))
+    try:
+        restorer.restore()
+    finally:
+        restorer.page_writers.close(2.0)  # not Restorer.close: the test reads RAM after
+        os.close(fd)
+    return domain
+
+
+def page_data(pfns, tag: int, types=None):
+    pfns = np.asarray(pfns, np.uint64)
+    with_data = pfns if types is None else pfns[~libxc.HAS_NO_DATA[np.asarray(types)]]
+    views = [pages_of([p], tag) for p in with_data.tolist()]
+    return libxc.encode_page_data(pfns, views, types)
+
+
+def test_a_page_cleared_in_the_next_record_stays_clear(tmp_path):
+    memory = SlowWrites(1024)
+    memory.writer_delay = 0.3  # pfns 64..127 still being written as record 2 comes
+    types = [libxc.PAGE_TYPE_XALLOC] + [0] * 64
+    second = page_data([100, *range(200, 264)], 2, types)
+    domain = restore_stream(tmp_path, [page_data(range(128), 1), second], memory)
+    assert domain.at_context[100] == 0
+    assert domain.at_context[99] == 99 * 1000 + 1
+
+
+def test_every_page_is_in_before_the_context(tmp_path):
+    memory = SlowWrites(1024)
+    memory.writer_delay = 0.3
+    domain = restore_stream(tmp_path, [page_data(range(128), 1)], memory)
+    assert (domain.at_context[:128] == np.arange(128) * 1000 + 1).all()
+
+
+def test_a_pfn_twice_in_one_record_keeps_its_later_copy(tmp_path):
+    memory = SlowWrites(1024)
+    memory.reader_delay = 0.3  # were it split, the reader's (earlier) copy would land last
+    pfns = np.array([*range(64), *range(64)], np.uint64)
+    views = [pages_of([p], 1 if i < 64 else 2) for i, p in enumerate(pfns.tolist())]
+    domain = restore_stream(tmp_path, [libxc.encode_page_data(pfns, views)], memory)
+    assert (domain.at_context[:64] == np.arange(64) * 1000 + 2).all()
