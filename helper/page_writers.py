@@ -18,6 +18,10 @@ Only records that gain are split (`worth_splitting`): long runs of pages,
 each pfn once and in ascending order.  A dirty pass's scattered pages are
 long allocated, and one thread writes them faster than two.
 
+With extra connections (shards.py) their readers call `write` at once, one
+record each: every reader then writes its own through the mapping, so their
+allocations proceed side by side already, and no second thread is started.
+
 The next record waits for the previous one's second half (`wait`), and so
 does anything else that touches guest RAM: pages land in the order they
 were sent, and a page cleared after it was written stays clear.
@@ -42,17 +46,24 @@ Run = tuple[int, memoryview]  # (first pfn, its pages' data)
 class PageWriters:
     """`write(runs)` writes a record's runs of pages, half of them by the
     time it returns; `wait()` for the rest (before anything else touches
-    guest RAM); `close()` ends the second thread."""
+    guest RAM); `close()` ends the second thread.  `readers`: how many
+    threads call `write` (one per connection)."""
 
-    def __init__(self, memory: GuestMemory) -> None:
+    def __init__(self, memory: GuestMemory, readers: int = 1) -> None:
         self.memory = memory
+        self.readers = readers
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = False  # the second thread has a half to write
         self._thread = threading.Thread(target=self._run, name="page-writer", daemon=True)
-        self._thread.start()
+        if readers == 1:
+            self._thread.start()
 
     def write(self, runs: list[Run]) -> None:
+        if self.readers > 1:
+            for pfn, data in runs:
+                self.memory.write_beside_others(pfn, data)
+            return
         self.wait()
         pages = sum(data.nbytes for _pfn, data in runs) // PAGE_SIZE
         if not worth_splitting(runs, pages):
@@ -76,8 +87,9 @@ class PageWriters:
     def close(self, timeout: float) -> None:
         """End the second thread once it has written any half it holds
         (at most `timeout` s: `running` says whether it still is)."""
-        self._work.put(None)
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._work.put(None)
+            self._thread.join(timeout)
 
     @property
     def running(self) -> bool:

@@ -3,9 +3,8 @@
 Every record is checked before it touches the domain (the decoder bounds
 lengths, counts and pfns by the domain's size); page data is written into
 the domain's memfd, a first pass's long runs by two threads at once
-(page_writers.py).  The stream is
-read exactly up to its END record and no further: the toolstack reads the
-libxl records that follow from the same fd.
+(page_writers.py).  The stream is read exactly up to its END record and no
+further: the toolstack reads the libxl records that follow from the same fd.
 """
 
 from __future__ import annotations
@@ -56,9 +55,7 @@ class Restorer:
         self.base = 0
         # the extra connections' readers (shards.py), until their END
         self.shard_octets = 0
-        # One connection: its records are split between two writers.  Several:
-        # every reader writes its own through the mapping (GuestMemory).
-        self.page_writers = None if extra_fds else PageWriters(self.memory)
+        self.page_writers = PageWriters(self.memory, readers=1 + len(extra_fds))
         self.shards = [
             ShardReader(fd, i, self.memory.pages, self.write_pages)
             for i, fd in enumerate(extra_fds, start=1)
@@ -67,11 +64,8 @@ class Restorer:
     def close(self) -> None:
         for shard in self.shards:  # still reading: the restore failed before their END
             shard.stop(SHARD_STOP_TIMEOUT)
-        if self.page_writers is not None:
-            self.page_writers.close(WRITER_STOP_TIMEOUT)
-        if any(shard.running for shard in self.shards) or (
-            self.page_writers is not None and self.page_writers.running
-        ):
+        self.page_writers.close(WRITER_STOP_TIMEOUT)
+        if any(shard.running for shard in self.shards) or self.page_writers.running:
             return  # a thread still copies into guest RAM: it goes with the process
         self.memory.close()
 
@@ -164,8 +158,7 @@ class Restorer:
         """Every page written, from every connection and writer."""
         if self.shards:
             self.join_shards()
-        if self.page_writers is not None:
-            self.page_writers.wait()
+        self.page_writers.wait()
 
     def join_shards(self) -> None:
         """Wait for every extra connection's END, saying progress meanwhile."""
@@ -202,15 +195,12 @@ class Restorer:
                 self.decoder.feed_eof()
 
     def write_pages(self, event: libxc.PageData) -> None:
-        """One write per run of contiguous pfns: with one connection, long
-        runs are split between two threads (page_writers.py); with extra
-        connections, every reader writes its own through the mapping, so
-        that their page allocations proceed side by side.  An XALLOC page
-        carries no data: the incoming domain's RAM starts zeroed, so it is
-        left alone, unless this restore wrote it before: then its memory is
-        given back (it reads zero again)."""
-        if self.page_writers is not None:
-            self.page_writers.wait()  # the last record's pages first
+        """One write per run of contiguous pfns (page_writers.py: how, and
+        by which threads).  An XALLOC page carries no data: the incoming
+        domain's RAM starts zeroed, so it is left alone, unless this restore
+        wrote it before: then its memory is given back (it reads zero
+        again)."""
+        self.page_writers.wait()  # the last record's pages before any clear
         pfns = event.pfns.astype(np.intp)
         has_data = ~libxc.HAS_NO_DATA[event.types]
         self.written[pfns] = True
@@ -223,11 +213,7 @@ class Restorer:
             (int(data_pfns[first]), data[first * PAGE_SIZE : (last + 1) * PAGE_SIZE])
             for first, last in runs(np.arange(len(data_pfns)), data_pfns)
         ]
-        if self.page_writers is not None:
-            self.page_writers.write(stretches)
-        else:
-            for pfn, chunk in stretches:
-                self.memory.write_beside_others(pfn, chunk)
+        self.page_writers.write(stretches)
 
     def clear(self, pfns: np.ndarray) -> None:
         """Zero pages: those the memfd holds (written earlier) are punched out."""

@@ -77,7 +77,7 @@ class GuestMemory:
             raise ValueError("guest RAM is no longer mapped here")
         target = self.address + first * PAGE_SIZE
         ctypes.memmove(target, source.ctypes.data, source.nbytes)
-        self.map.madvise(mmap.MADV_DONTNEED, first * PAGE_SIZE, source.nbytes)
+        self.unmap(first, source.nbytes // PAGE_SIZE)
 
     def _check_fits(self, first: int, octets: int) -> int:
         """The offset of page `first`, once `octets` are whole pages inside RAM."""

@@ -885,7 +885,7 @@ class Migrate:
     postcopy: bool = False  # the migration may switch to postcopy (job-control postcopy, a policy's POSTCOPY, or postcopy_after_precopy)
     postcopy_after_precopy: bool = False  # switch to postcopy once the first pass over RAM is done (libvirt's --postcopy-after-precopy)
     resume: bool = False  # go on with NAME's paused postcopy over a new connection to `address` (virsh's --postcopy-resume); the other arguments are those it started with
-    parallel_connections: int = 1  # TCP connections the precopy pages travel on, sharded by 2 MiB block (libvirt's --parallel-connections); the default, 1: on a 2-core host two carried a 2 GiB guest faster but missed downtime limits (docs/streams.md)
+    parallel_connections: int = 1  # TCP connections the precopy pages travel on, sharded by 2 MiB block (libvirt's --parallel-connections); the default, 1: on a 2-core host two were no faster (the destination writes one connection's pages with two threads) and missed downtime limits (docs/streams.md)
     postcopy_bandwidth: float = 0.0  # MB/s the background push of postcopy may use (QEMU's max-postcopy-bandwidth); pages the guest faults on never wait for it; 0: unlimited
     SPEC: ClassVar[MessageSpec]
 

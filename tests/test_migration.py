@@ -68,7 +68,7 @@ def test_migrate_a_busy_domain(cluster):
     shown = dict(  # the same job for a person: one "Name: value" row each
         line.split(":", 1) for line in ferry(a, "job", "vm1").stdout.splitlines() if ":" in line
     )
-    assert shown["Connections"].strip() == "1"  # 32 MiB: below the size for two
+    assert shown["Connections"].strip() == "1"  # the default
     assert shown["Running after"].strip() == f"{report['running_after_ms']:.1f} ms"
     # the destination shows its side of the same migration
     received = json.loads(ferry(b, "job", "vm1", "--json").stdout)

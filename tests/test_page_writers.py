@@ -22,7 +22,7 @@ from helper.page_writers import (
 )
 from helper.restore import Restorer
 from hypervisor import GuestMemory
-from protocol import libxc
+from protocol import RemoteProtocolError, libxc
 from protocol.limits import PAGE_SIZE
 
 
@@ -200,6 +200,7 @@ class SlowWrites(GuestMemory):
 
     reader_delay = 0.0  # s before each pwritev (the reader's half)
     writer_delay = 0.0  # s before each copy through the mapping (the second half)
+    copied = 0  # runs copied through the mapping
 
     def write(self, first, data):
         time.sleep(self.reader_delay)
@@ -208,6 +209,7 @@ class SlowWrites(GuestMemory):
     def write_beside_others(self, first, data):
         time.sleep(self.writer_delay)
         super().write_beside_others(first, data)
+        self.copied += 1
 
 
 class Domain:
@@ -281,3 +283,56 @@ def test_a_pfn_twice_in_one_record_keeps_its_later_copy(tmp_path):
     views = [pages_of([p], 1 if i < 64 else 2) for i, p in enumerate(pfns.tolist())]
     domain = restore_stream(tmp_path, [libxc.encode_page_data(pfns, views)], memory)
     assert (domain.at_context[:64] == np.arange(64) * 1000 + 2).all()
+
+
+def test_several_readers_write_their_own_without_a_second_thread():
+    memory = SlowWrites(256)
+    memory.reader_delay = 10.0  # a pwritev would hang the test: none is made
+    writers = PageWriters(memory, readers=2)
+    try:
+        readers = [
+            threading.Thread(
+                target=writers.write, args=([(first, pages_of(range(first, first + 128), 1))],)
+            )
+            for first in (0, 128)
+        ]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(5)
+        assert not writers.running and writers.native_id is None
+        assert (contents(memory) == np.arange(256) * 1000 + 1).all()
+    finally:
+        writers.close(2.0)
+        memory.close()
+
+
+def test_a_failed_restore_unmaps_guest_ram_only_once_the_second_half_is_in(tmp_path, monkeypatch):
+    """A record split, the second half still being copied, then a record
+    the decoder refuses: close() waits for the half before unmapping, and
+    when the half outlasts its wait, leaves the mapping to the process."""
+    for delay, timeout, unmapped in ((0.3, 2.0, True), (1.0, 0.1, False)):
+        memory = SlowWrites(1024)
+        memory.writer_delay = delay
+        buffers = [libxc.encode_image_header(), libxc.encode_domain_header()]
+        buffers += libxc.encode_marker(libxc.REC_STATIC_DATA_END)
+        buffers += page_data(range(128), 1)
+        buffers.append(b"\xff" * 64)  # no record type this restore knows
+        path = tmp_path / f"stream-{delay}"
+        path.write_bytes(b"".join(bytes(b) for b in buffers))
+        fd = os.open(path, os.O_RDONLY)
+        restorer = Restorer(Domain(memory), QuietLink(), FdReader(fd))
+        monkeypatch.setattr("helper.restore.WRITER_STOP_TIMEOUT", timeout)
+        try:
+            with pytest.raises(RemoteProtocolError):
+                restorer.restore()
+            restorer.close()
+            assert memory.copied == unmapped  # the half went in first, or is still going
+            assert memory.map.closed is unmapped
+            assert restorer.page_writers.running is not unmapped
+        finally:
+            restorer.page_writers.close(5.0)
+            os.close(fd)
+            if not unmapped:
+                assert contents(memory)[127] == 127 * 1000 + 1  # the half went in
+                memory.close()
